@@ -1,0 +1,229 @@
+"""The ``certrotate`` command.
+
+Exit codes (docs/contracts.md): 0 done or nothing due; 1 a step failed, the
+rotation stays resumable; 2 usage or configuration error; 3 another agent
+holds the lock; 4 the EST server asked to wait, retry later.
+
+``check`` is what a systemd timer runs often: with nothing due it reads two
+small files and returns, importing neither requests nor cryptography (the
+heavy modules are imported inside the functions that need them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from . import policy
+from .config import ConfigError, Root, load_agent, load_sota
+from .journal import Journal, LockHeld
+
+log = logging.getLogger("certrotate")
+
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_WAITING = 0, 1, 2, 3, 4
+
+
+@dataclass
+class Edges:
+    """What the agent touches outside itself, passed in so tests can drive it."""
+
+    root: Root
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    systemd: object | None = None  # a certrotate.systemd.Systemd; None: the real systemctl
+
+
+def open_context(edges: Edges):
+    """Load the configuration, take the lock, load the journal: ready to rotate."""
+    from . import fsutil
+    from .events import EventQueue, current_target
+    from .step import Context
+    from .systemd import Systemd
+
+    root = edges.root
+    agent = load_agent(root)
+    sota = load_sota(root)
+    journal = Journal(root(agent.state_dir))
+    journal.lock()
+    directories = {journal.dir, root(agent.config_dir), root(os.path.dirname(sota.key_file)),
+                   root(os.path.dirname(sota.cert_file))}
+    directories |= {root(os.path.dirname(origin)) for origin in sota.origins.values()}
+    for directory in directories:
+        for leftover in fsutil.remove_stale_temps(directory):
+            log.info("removed %s, left by an interrupted write", leftover)
+    state = journal.load()
+    target = current_target(root(sota.storage_path) / "current-target")
+    return Context(
+        root=root, sota=sota, agent=agent, journal=journal, state=state,
+        events=EventQueue(journal.dir, clock=edges.clock, target=target),
+        systemd=edges.systemd or Systemd(), clock=edges.clock, sleep=edges.sleep,
+    )
+
+
+def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason: str) -> int:
+    """Resume the rotation in progress, or begin one; deliver the queued events."""
+    from . import rotation
+
+    ctx = open_context(edges)
+    try:
+        completed = ctx.state.completed_ids()
+        if ctx.state.current is not None:
+            if rotation_id and rotation_id in completed:
+                log.info("rotation %s already completed; resuming %s", rotation_id,
+                         ctx.state.current.rotation_id)
+            elif rotation_id:
+                rotation.supersede(ctx, rotation.check_rotation_id(rotation_id))
+            log.info("rotation %s: resuming at step %d", ctx.rotation.rotation_id, ctx.rotation.step)
+        elif rotation_id and rotation_id in completed:
+            log.info("rotation %s already completed: nothing to do", rotation_id)
+            return EXIT_DONE
+        else:
+            server = est_server or ctx.agent.est_server
+            if not server:
+                raise ConfigError(
+                    "no EST server configured",
+                    hint="set [est] server in /etc/certrotate/certrotate.toml or pass --est-server URL",
+                )
+            rotation.begin(ctx, rotation_id or f"certs-{int(edges.clock())}", server, reason)
+        rotation.run(ctx)
+        return EXIT_DONE
+    finally:
+        rotation.deliver_events(ctx)
+        ctx.journal.unlock()
+
+
+def cmd_rotate(args, edges: Edges) -> int:
+    return rotate(edges, args.rotation_id, args.est_server, args.reason)
+
+
+def cmd_check(args, edges: Edges) -> int:
+    root = edges.root
+    agent = load_agent(root)
+    state_dir = root(agent.state_dir)
+    journal = Journal(state_dir)
+    if journal.load().current is None:
+        if _events_queued(state_dir):
+            return deliver_only(edges)
+        sota = load_sota(root)
+        cert_file = root(sota.cert_file)
+        validity = policy.cached_validity(state_dir, cert_file) or policy.read_validity(state_dir, cert_file)
+        why = policy.due(validity, edges.clock(), agent.lifetime_fraction, agent.max_age_days)
+        if why is None:
+            return EXIT_DONE
+        log.info("certificate %s is due for renewal: %s", sota.cert_file, why)
+    return rotate(edges, None, None, "renewal policy")
+
+
+def _events_queued(state_dir) -> bool:
+    try:
+        return any(entry.name.endswith(".json") for entry in os.scandir(state_dir / "events"))
+    except FileNotFoundError:
+        return False
+
+
+def deliver_only(edges: Edges) -> int:
+    """Deliver the events an earlier run could not; nothing else is due."""
+    from . import rotation
+
+    ctx = open_context(edges)
+    try:
+        rotation.deliver_events(ctx)
+    finally:
+        ctx.journal.unlock()
+    return EXIT_DONE
+
+
+def cmd_handler(args, edges: Edges) -> int:
+    config_file = os.environ.get("CONFIG_FILE")
+    if not config_file:
+        raise ConfigError(
+            "CONFIG_FILE is not set",
+            hint="certrotate handler is fioconfig's on-changed handler for fio-rotate-certs; "
+            "use certrotate rotate to run a rotation by hand",
+        )
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise ConfigError(f"cannot read CONFIG_FILE {config_file}: {err.strerror}",
+                          hint="check the fio-rotate-certs config file") from err
+    settings = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            settings[name.strip()] = value.strip()
+    missing = [name for name in ("ESTSERVER", "ROTATIONID") if not settings.get(name)]
+    if missing:
+        raise ConfigError(
+            f"{config_file} sets no {' and no '.join(missing)}",
+            hint="send the rotation again with fioctl devices config rotate-certs",
+        )
+    return rotate(edges, settings["ROTATIONID"], settings["ESTSERVER"], "fio-rotate-certs")
+
+
+def cmd_status(args, edges: Edges) -> int:
+    from . import status
+
+    data = status.collect(edges.root, edges.clock())
+    print(status.to_json(data) if args.json else status.render(data))
+    return EXIT_DONE
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="certrotate",
+        description="Rotate the device's TLS client key and certificate (EST re-enrollment).",
+        epilog="exit codes: 0 done or nothing due; 1 a step failed (resumable); 2 usage or "
+        "configuration error; 3 another certrotate is running; 4 EST server asked to wait",
+    )
+    top.add_argument("--root", default="/", metavar="DIR",
+                     help="treat DIR as the device's / (every absolute device path is taken under it)")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    rotate_cmd = commands.add_parser("rotate", help="run a rotation now, or resume the one in progress")
+    rotate_cmd.add_argument("--est-server", metavar="URL", help="EST server (default: certrotate.toml)")
+    rotate_cmd.add_argument("--rotation-id", metavar="ID", help="rotation id (default: certs-<unix time>)")
+    rotate_cmd.add_argument("--reason", default="", help="why (recorded in the journal)")
+    rotate_cmd.set_defaults(func=cmd_rotate)
+    commands.add_parser(
+        "check", help="resume an unfinished rotation, or start one when the certificate is due"
+    ).set_defaults(func=cmd_check)
+    commands.add_parser(
+        "handler", help="fioconfig's on-changed handler for fio-rotate-certs (reads $CONFIG_FILE)"
+    ).set_defaults(func=cmd_handler)
+    status_cmd = commands.add_parser("status", help="show the certificate and the rotation state")
+    status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    status_cmd.set_defaults(func=cmd_status)
+    return top
+
+
+def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.time,
+         sleep: Callable[[float], None] = time.sleep, systemd=None) -> int:
+    args = parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("certrotate: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    edges = Edges(Root(args.root), clock=clock, sleep=sleep, systemd=systemd)
+    try:
+        return args.func(args, edges)
+    except LockHeld as err:
+        log.error("%s; try again when it has finished", err)
+        return EXIT_LOCKED
+    except Exception as err:
+        hint = getattr(err, "hint", None)
+        if hint is None:
+            raise
+        code = getattr(err, "exit_code", EXIT_USAGE)
+        log.error("error: %s", err.args[0] if err.args else err)
+        log.error("what to do: %s", hint)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The device's configuration: sota.toml (as aktualizr-lite merges it) and certrotate.toml.
+
+Paths inside the files are device paths (absolute, as on the device); a
+``Root`` maps them under ``--root DIR`` so tests and the demo can drive a
+whole device tree in a temporary directory. Light on purpose: ``check`` imports
+this on its fast path, so no cryptography and no requests here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from . import fsutil
+
+SOTA_DIRS = ("/usr/lib/sota/conf.d", None, "/etc/sota/conf.d")  # None: /var/sota/sota.toml
+SOTA_TOML = "/var/sota/sota.toml"
+CERTROTATE_TOML = "/etc/certrotate/certrotate.toml"
+TLS_KEY = "tls_pkey_path"
+TLS_CERT = "tls_clientcert_path"
+
+
+class ConfigError(Exception):
+    """A missing or malformed configuration file (exit code 2)."""
+
+    def __init__(self, message: str, *, hint: str):
+        super().__init__(message)
+        self.hint = hint
+
+
+class Root:
+    """Maps device paths under a root directory (``/`` on a real device)."""
+
+    def __init__(self, root: str | os.PathLike = "/"):
+        self.dir = Path(root)
+
+    def __call__(self, device_path: str | PurePosixPath) -> Path:
+        relative = str(device_path).lstrip("/")
+        return self.dir / relative if relative else self.dir
+
+
+@dataclass
+class SotaConfig:
+    """The merged sota.toml settings the agent needs, with their origins."""
+
+    gateway_url: str
+    ca_file: str  # device paths, absolute
+    key_file: str
+    cert_file: str
+    storage_path: str
+    base_path: str
+    origins: dict[str, str] = field(default_factory=dict)  # "import.tls_pkey_path" -> device file
+
+
+@dataclass
+class AgentConfig:
+    """/etc/certrotate/certrotate.toml with defaults (docs/contracts.md)."""
+
+    est_server: str | None = None
+    est_label: str = ""
+    lifetime_fraction: float = 0.667
+    max_age_days: float = 365.0
+    restart: list[str] = field(
+        default_factory=lambda: ["aktualizr-lite.service", "fioconfig.service"]
+    )
+    state_dir: str = "/var/sota/certrotate"
+    config_dir: str = "/var/sota"
+
+
+def sota_files(root: Root) -> list[str]:
+    """The sota.toml files aktualizr-lite reads, in order (later wins), as device paths."""
+    files = []
+    for directory in SOTA_DIRS:
+        if directory is None:
+            if root(SOTA_TOML).is_file():
+                files.append(SOTA_TOML)
+            continue
+        host_dir = root(directory)
+        if host_dir.is_dir():
+            files += sorted(
+                f"{directory}/{p.name}" for p in host_dir.iterdir() if p.name.endswith(".toml")
+            )
+    return files
+
+
+def _load_toml(root: Root, device_path: str) -> dict:
+    try:
+        with open(root(device_path), "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as err:
+        raise ConfigError(
+            f"{device_path} is missing", hint="provision the device (lmp-device-register) first"
+        ) from err
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{device_path} is not valid TOML: {err}", hint=f"fix the syntax of {device_path}"
+        ) from err
+
+
+def _flatten(table: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_sota(root: Root) -> SotaConfig:
+    """Merge sota.toml key by key as aktualizr-lite does."""
+    files = sota_files(root)
+    if not files:
+        raise ConfigError(
+            f"no sota.toml found ({SOTA_TOML} nor conf.d)",
+            hint="provision the device (lmp-device-register) first",
+        )
+    merged: dict[str, object] = {}
+    origins: dict[str, str] = {}
+    for device_file in files:
+        for key, value in _flatten(_load_toml(root, device_file)).items():
+            merged[key] = value
+            origins[key] = device_file
+
+    def get(key: str, default: str | None = None) -> str:
+        value = merged.get(key, default)
+        if value is None:
+            raise ConfigError(
+                f"sota.toml sets no {key} (read {', '.join(files)})",
+                hint=f"set {key} in {SOTA_TOML}",
+            )
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"{key} in {origins.get(key)} is not a string",
+                hint=f"write {key} as a quoted string",
+            )
+        return value
+
+    base_path = get("import.base_path", "/var/sota")
+
+    def import_path(key: str) -> str:
+        path = get(key)
+        return str(PurePosixPath(base_path) / path) if not path.startswith("/") else path
+
+    return SotaConfig(
+        gateway_url=get("tls.server").rstrip("/"),
+        ca_file=import_path("import.tls_cacert_path"),
+        key_file=import_path(f"import.{TLS_KEY}"),
+        cert_file=import_path(f"import.{TLS_CERT}"),
+        storage_path=get("storage.path", "/var/sota/"),
+        base_path=base_path,
+        origins=origins,
+    )
+
+
+def load_agent(root: Root) -> AgentConfig:
+    """Read certrotate.toml; a missing file means all defaults."""
+    config = AgentConfig()
+    if not root(CERTROTATE_TOML).is_file():
+        return config
+    data = _load_toml(root, CERTROTATE_TOML)
+
+    def pick(section: str, key: str, kind, current):
+        value = data.get(section, {}).get(key, current)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(
+                f"{CERTROTATE_TOML}: {section}.{key} must be a {kind.__name__}, not {value!r}",
+                hint=f"fix {section}.{key} in {CERTROTATE_TOML}",
+            )
+        return value
+
+    for section in data:
+        if not isinstance(data[section], dict):
+            raise ConfigError(
+                f"{CERTROTATE_TOML}: {section} must be a table",
+                hint=f"write [{section}] as a section header",
+            )
+    config.est_server = pick("est", "server", str, "") or None
+    config.est_label = pick("est", "label", str, config.est_label)
+    config.lifetime_fraction = pick("renewal", "lifetime_fraction", float, config.lifetime_fraction)
+    if not 0 < config.lifetime_fraction <= 1:
+        raise ConfigError(
+            f"{CERTROTATE_TOML}: renewal.lifetime_fraction must be in (0, 1], not {config.lifetime_fraction}",
+            hint="use e.g. 0.667 to renew when two thirds of the validity has elapsed",
+        )
+    config.max_age_days = pick("renewal", "max_age_days", float, config.max_age_days)
+    config.restart = pick("services", "restart", list, config.restart)
+    if not all(isinstance(unit, str) for unit in config.restart):
+        raise ConfigError(
+            f"{CERTROTATE_TOML}: services.restart must be a list of unit names",
+            hint='write e.g. restart = ["aktualizr-lite.service"]',
+        )
+    config.state_dir = pick("storage", "state_dir", str, config.state_dir)
+    config.config_dir = pick("storage", "config_dir", str, config.config_dir)
+    return config
+
+
+_TABLE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\- ]+?)\s*\]\s*(#.*)?$")
+
+
+def _rewrite_key(text: str, table: str, key: str, value: str) -> str | None:
+    """``text`` with ``table.key``'s string value replaced, every other byte kept.
+
+    Recognises both ``[table]`` + ``key = "..."`` and a dotted ``table.key = "..."``
+    outside any table; returns None when the key is not there.
+    """
+    lines = text.splitlines(keepends=True)
+    current = ""
+    assignment = re.compile(
+        r"^(?P<lead>\s*)(?P<name>[A-Za-z0-9_.\-]+?)(?P<eq>\s*=\s*)"
+        r"(?P<value>\"(?:[^\"\\]|\\.)*\"|'[^']*')(?P<rest>.*?)(?P<eol>\r?\n?)$"
+    )
+    found = None
+    for index, line in enumerate(lines):
+        header = _TABLE.match(line)
+        if header and not line.lstrip().startswith("[["):
+            current = header.group(1).replace(" ", "")
+            continue
+        match = assignment.match(line)
+        if not match:
+            continue
+        name = match.group("name")
+        full = f"{current}.{name}" if current else name
+        if full == f"{table}.{key}":
+            found = (index, match)
+    if found is None:
+        return None
+    index, match = found
+    lines[index] = (
+        match.group("lead") + match.group("name") + match.group("eq")
+        + json.dumps(value) + match.group("rest") + match.group("eol")
+    )
+    return "".join(lines)
+
+
+def point_tls_at(root: Root, sota: SotaConfig, key_file: str, cert_file: str, *, point: str) -> None:
+    """Make import.tls_pkey_path / tls_clientcert_path name these files.
+
+    Each line is edited in place in the file that defines the effective value
+    (atomic rewrite, every other byte kept); a file already right is left alone.
+    """
+    wanted = {TLS_KEY: key_file, TLS_CERT: cert_file}
+    by_file: dict[str, dict[str, str]] = {}
+    for key, value in wanted.items():
+        origin = sota.origins.get(f"import.{key}")
+        if origin is None:
+            raise ConfigError(
+                f"no sota.toml file sets import.{key}",
+                hint=f"set import.{key} in {SOTA_TOML}",
+            )
+        by_file.setdefault(origin, {})[key] = value
+    for number, (device_file, changes) in enumerate(sorted(by_file.items())):
+        path = root(device_file)
+        original = path.read_bytes()
+        text = original.decode("utf-8")
+        for key, value in changes.items():
+            rewritten = _rewrite_key(text, "import", key, value)
+            if rewritten is None:
+                raise ConfigError(
+                    f"{device_file} sets import.{key} in a form certrotate cannot edit",
+                    hint=f'write it as a plain line: {key} = "/var/sota/..." under [import]',
+                )
+            text = rewritten
+        if text.encode("utf-8") != original:
+            mode = path.stat().st_mode & 0o7777
+            fsutil.atomic_write(path, text.encode("utf-8"), mode, point=f"{point}-{number}")
+    sota.key_file, sota.cert_file = key_file, cert_file

@@ -1,0 +1,384 @@
+"""The device's new key, its CSR, and the checks on the certificate issued for it.
+
+Only cryptography APIs present in 38.0 are used (devices carry Debian
+bookworm's 38.0.4 and Yocto scarthgap's 42), so chain signatures, names,
+validity and key usages are checked here by hand. Names and the
+subjectAltName are compared as the DER bytes found in the certificates,
+never as re-encoded parsed values, which can differ in string types.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+MAX_CHAIN = 8  # intermediates followed before giving up
+
+# DER tags
+SEQUENCE = 0x30
+SET = 0x31
+OID = 0x06
+INTEGER = 0x02
+BOOLEAN = 0x01
+OCTET_STRING = 0x04
+BIT_STRING = 0x03
+UTC_TIME = 0x17
+GENERALIZED_TIME = 0x18
+
+
+class IssuedCertificateError(Exception):
+    """The EST server's certificate cannot become the device's identity."""
+
+    def __init__(self, message: str, *, hint: str):
+        super().__init__(message)
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.args[0]} ({self.hint})"
+
+
+# --- DER, just enough to read certificates and PKCS#7 and to write a CSR ---
+
+@dataclass(frozen=True)
+class Der:
+    """One DER element: its tag, its content octets, and its whole encoding."""
+
+    tag: int
+    content: bytes
+    encoded: bytes
+
+    def items(self) -> list["Der"]:
+        return der_items(self.content)
+
+
+def der_read(data: bytes, pos: int = 0) -> tuple[Der, int]:
+    """The element starting at ``pos`` and the offset just past it."""
+    start = pos
+    if pos + 2 > len(data):
+        raise ValueError(f"DER element cut short at byte {pos}")
+    tag = data[pos]
+    if tag & 0x1F == 0x1F:
+        raise ValueError(f"unsupported DER tag {tag:#x} at byte {pos}")
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if count == 0 or count > 4 or pos + count > len(data):
+            raise ValueError(f"bad DER length at byte {start}")
+        length = int.from_bytes(data[pos:pos + count], "big")
+        pos += count
+    end = pos + length
+    if end > len(data):
+        raise ValueError(f"DER element at byte {start} runs past the end of the data")
+    return Der(tag, data[pos:end], data[start:end]), end
+
+
+def der_items(content: bytes) -> list[Der]:
+    """The elements of a constructed value's content, in order."""
+    items = []
+    pos = 0
+    while pos < len(content):
+        item, pos = der_read(content, pos)
+        items.append(item)
+    return items
+
+
+def der_parse(data: bytes) -> Der:
+    """Exactly one element filling ``data``."""
+    item, end = der_read(data)
+    if end != len(data):
+        raise ValueError(f"{len(data) - end} stray bytes after the DER element")
+    return item
+
+
+def der(tag: int, *parts: bytes) -> bytes:
+    content = b"".join(parts)
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(octets)]) + octets + content
+
+
+def der_oid(dotted: str) -> bytes:
+    arcs = [int(arc) for arc in dotted.split(".")]
+    body = bytearray([40 * arcs[0] + arcs[1]])
+    for arc in arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        body.extend(reversed(chunk))
+    return der(OID, bytes(body))
+
+
+# --- the parts of a certificate compared byte for byte ---
+
+@dataclass(frozen=True)
+class TbsParts:
+    issuer: bytes  # DER Name
+    subject: bytes  # DER Name
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    public_key: bytes  # DER SubjectPublicKeyInfo
+    extensions: dict[bytes, bytes]  # DER OID -> DER Extension
+
+    def extension(self, oid: x509.ObjectIdentifier) -> bytes | None:
+        return self.extensions.get(der_oid(oid.dotted_string))
+
+
+def tbs_parts(cert: x509.Certificate) -> TbsParts:
+    """The raw fields of ``cert``'s TBSCertificate."""
+    fields = der_parse(cert.tbs_certificate_bytes).items()
+    if fields and fields[0].tag == 0xA0:  # explicit version
+        fields = fields[1:]
+    if len(fields) < 6:
+        raise ValueError("TBSCertificate has too few fields")
+    _serial, _algorithm, issuer, validity, subject, spki, *rest = fields
+    extensions: dict[bytes, bytes] = {}
+    for optional in rest:
+        if optional.tag == 0xA3:
+            for extension in der_parse(optional.content).items():
+                extensions[extension.items()[0].encoded] = extension.encoded
+    not_before, not_after = (_der_time(t) for t in validity.items())
+    return TbsParts(issuer.encoded, subject.encoded, not_before, not_after, spki.encoded, extensions)
+
+
+def validity(cert: x509.Certificate) -> tuple[datetime.datetime, datetime.datetime]:
+    """notBefore and notAfter as aware UTC datetimes, on every cryptography version."""
+    parts = tbs_parts(cert)
+    return parts.not_before, parts.not_after
+
+
+def _der_time(item: Der) -> datetime.datetime:
+    text = item.content.decode("ascii")
+    if item.tag == UTC_TIME:
+        parsed = datetime.datetime.strptime(text, "%y%m%d%H%M%SZ")
+    elif item.tag == GENERALIZED_TIME:
+        parsed = datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ")
+    else:
+        raise ValueError(f"unexpected time tag {item.tag:#x}")
+    return parsed.replace(tzinfo=datetime.timezone.utc)
+
+
+def spki_der(public_key) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+# --- the new key and its CSR ---
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+_ECDSA_WITH_SHA256 = der(SEQUENCE, der_oid("1.2.840.10045.4.3.2"))
+_EXTENSION_REQUEST = der_oid("1.2.840.113549.1.9.14")
+_KEY_USAGE_DIGITAL_SIGNATURE = der(
+    SEQUENCE, der_oid("2.5.29.15"), der(BOOLEAN, b"\xff"),
+    der(OCTET_STRING, der(BIT_STRING, b"\x07\x80")),
+)
+_EKU_CLIENT_AUTH = der(
+    SEQUENCE, der_oid("2.5.29.37"),
+    der(OCTET_STRING, der(SEQUENCE, der_oid(ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string))),
+)
+
+
+def build_csr(key: ec.EllipticCurvePrivateKey, current: x509.Certificate) -> x509.CertificateSigningRequest:
+    """A CSR for ``key`` naming the device as ``current`` does.
+
+    The Subject and the subjectAltName extension are the current
+    certificate's DER bytes, copied; the request adds KeyUsage
+    digitalSignature (critical) and ExtendedKeyUsage clientAuth. Built by
+    hand because re-encoding a parsed Name can change its string types.
+    """
+    parts = tbs_parts(current)
+    extensions = [_KEY_USAGE_DIGITAL_SIGNATURE, _EKU_CLIENT_AUTH]
+    san = parts.extension(x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    if san is not None:
+        extensions.append(san)
+    attributes = der(
+        0xA0, der(SEQUENCE, _EXTENSION_REQUEST, der(SET, der(SEQUENCE, *extensions)))
+    )
+    info = der(
+        SEQUENCE, der(INTEGER, b"\x00"), parts.subject, spki_der(key.public_key()), attributes
+    )
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    request = der(SEQUENCE, info, _ECDSA_WITH_SHA256, der(BIT_STRING, b"\x00" + signature))
+    return x509.load_der_x509_csr(request)
+
+
+# --- checking what the EST server issued ---
+
+_RETRY = "nothing was changed on the device; fix the EST server or its CA, then run the rotation again"
+
+
+def check_issued(
+    issued: list[x509.Certificate],
+    key: ec.EllipticCurvePrivateKey,
+    current: x509.Certificate,
+    anchors: list[x509.Certificate],
+    intermediates: list[x509.Certificate],
+    now: datetime.datetime,
+) -> x509.Certificate:
+    """The one certificate in ``issued`` that can replace ``current``, or an error.
+
+    It must be the only end-entity certificate, certify ``key``, carry the
+    current Subject and subjectAltName, be valid at ``now`` (aware UTC),
+    chain to one of ``anchors`` (through ``intermediates`` or CA
+    certificates sent along with it) and be usable as a TLS client cert.
+    """
+    try:
+        return _check_issued(issued, key, current, anchors, intermediates, now)
+    except (ValueError, UnsupportedAlgorithm) as err:
+        raise IssuedCertificateError(
+            f"the issued certificate cannot be read: {err}", hint=_RETRY
+        ) from err
+
+
+def _check_issued(issued, key, current, anchors, intermediates, now) -> x509.Certificate:
+    leaves = [cert for cert in issued if not _is_ca(cert)]
+    if len(leaves) != 1:
+        raise IssuedCertificateError(
+            f"the EST reply holds {len(leaves)} end-entity certificates; exactly one was expected",
+            hint=_RETRY,
+        )
+    leaf = leaves[0]
+    leaf_parts = tbs_parts(leaf)
+    current_parts = tbs_parts(current)
+    if leaf_parts.public_key != spki_der(key.public_key()):
+        raise IssuedCertificateError(
+            "the issued certificate is for another key than the one this rotation generated",
+            hint=_RETRY,
+        )
+    if leaf_parts.subject != current_parts.subject:
+        raise IssuedCertificateError(
+            f"the issued certificate names another subject: {leaf.subject.rfc4514_string()!r} "
+            f"instead of {current.subject.rfc4514_string()!r}",
+            hint=_RETRY,
+        )
+    san_oid = x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME
+    if _extension_value(leaf_parts, san_oid) != _extension_value(current_parts, san_oid):
+        raise IssuedCertificateError(
+            "the issued certificate's subjectAltName differs from the current certificate's",
+            hint=_RETRY,
+        )
+    _check_time(leaf, leaf_parts, now, "the issued certificate")
+    _check_client_auth(leaf)
+    extra_cas = [cert for cert in issued if _is_ca(cert)]
+    _check_chain(leaf, anchors, intermediates + extra_cas, now)
+    return leaf
+
+
+def _extension_value(parts: TbsParts, oid: x509.ObjectIdentifier) -> bytes | None:
+    """The extnValue octets (criticality aside) of an extension, or None."""
+    encoded = parts.extension(oid)
+    return None if encoded is None else der_parse(encoded).items()[-1].content
+
+
+def _check_time(cert, parts: TbsParts, now: datetime.datetime, what: str) -> None:
+    if now < parts.not_before:
+        raise IssuedCertificateError(
+            f"{what} ({cert.subject.rfc4514_string()}) is not valid yet: it starts "
+            f"{parts.not_before.isoformat()}, and it is now {now.isoformat()}",
+            hint="check the device clock and the EST CA's clock; " + _RETRY,
+        )
+    if now > parts.not_after:
+        raise IssuedCertificateError(
+            f"{what} ({cert.subject.rfc4514_string()}) expired {parts.not_after.isoformat()}, "
+            f"and it is now {now.isoformat()}",
+            hint="check the device clock and the EST CA's clock; " + _RETRY,
+        )
+
+
+def _extension(cert: x509.Certificate, kind):
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    constraints = _extension(cert, x509.BasicConstraints)
+    return bool(constraints and constraints.ca)
+
+
+def _check_client_auth(leaf: x509.Certificate) -> None:
+    usages = _extension(leaf, x509.ExtendedKeyUsage)
+    if usages is not None and not (
+        ExtendedKeyUsageOID.CLIENT_AUTH in usages
+        or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages
+    ):
+        raise IssuedCertificateError(
+            "the issued certificate's extendedKeyUsage does not allow TLS client authentication",
+            hint=_RETRY,
+        )
+    key_usage = _extension(leaf, x509.KeyUsage)
+    if key_usage is not None and not key_usage.digital_signature:
+        raise IssuedCertificateError(
+            "the issued certificate's keyUsage lacks digitalSignature, which TLS client auth needs",
+            hint=_RETRY,
+        )
+
+
+def _check_chain(leaf, anchors, intermediates, now) -> None:
+    cert = leaf
+    for _ in range(MAX_CHAIN + 1):
+        issuer_name = tbs_parts(cert).issuer
+        if any(tbs_parts(anchor).subject == issuer_name and signed_by(cert, anchor)
+               for anchor in anchors):
+            return
+        parent = next(
+            (ca for ca in intermediates
+             if tbs_parts(ca).subject == issuer_name and _can_sign_certs(ca) and signed_by(cert, ca)),
+            None,
+        )
+        if parent is None:
+            raise IssuedCertificateError(
+                f"the issued certificate does not chain to the trust anchor: no trusted CA "
+                f"named {cert.issuer.rfc4514_string()!r} "
+                f"signed {cert.subject.rfc4514_string()!r}",
+                hint="the EST server's CA is not the factory's; " + _RETRY,
+            )
+        _check_time(parent, tbs_parts(parent), now, "an intermediate CA certificate")
+        cert = parent
+    raise IssuedCertificateError(
+        f"the issued certificate's chain is longer than {MAX_CHAIN} CA certificates", hint=_RETRY
+    )
+
+
+def _can_sign_certs(cert: x509.Certificate) -> bool:
+    if not _is_ca(cert):
+        return False
+    key_usage = _extension(cert, x509.KeyUsage)
+    return key_usage is None or key_usage.key_cert_sign
+
+
+def signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer``'s public key verifies ``cert``'s signature."""
+    public_key = issuer.public_key()
+    try:
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(
+                cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+            )
+        elif isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(
+                cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
+                cert.signature_hash_algorithm,
+            )
+        elif isinstance(public_key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            public_key.verify(cert.signature, cert.tbs_certificate_bytes)
+        else:
+            return False
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
+        return False
+    return True

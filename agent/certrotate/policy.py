@@ -1,0 +1,67 @@
+"""When is the certificate due for renewal? Light: ``check`` runs this on its fast path.
+
+The validity of the current certificate is cached in the state dir, keyed by
+the certificate file's path, size and mtime, so a ``check`` with nothing due
+reads two small files and imports neither cryptography nor requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import fsutil
+
+CACHE_FILE = "validity-cache.json"
+DAY = 86400.0
+
+
+@dataclass
+class Validity:
+    not_before: float  # seconds since the epoch
+    not_after: float
+
+
+def due(validity: Validity, now: float, lifetime_fraction: float, max_age_days: float) -> str | None:
+    """Why the certificate is due for renewal at ``now``, or None when it is not."""
+    lifetime = validity.not_after - validity.not_before
+    elapsed = now - validity.not_before
+    if now >= validity.not_after:
+        return "the certificate has expired"
+    if elapsed >= lifetime_fraction * lifetime:
+        return f"{elapsed / lifetime:.0%} of its validity has elapsed (policy: {lifetime_fraction:.1%})"
+    if elapsed >= max_age_days * DAY:
+        return f"it is {elapsed / DAY:.0f} days old (policy: at most {max_age_days:g})"
+    return None
+
+
+def _fingerprint(path: Path) -> dict:
+    st = os.stat(path)
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cached_validity(state_dir: Path, cert_file: Path) -> Validity | None:
+    """The cached validity of ``cert_file``, or None when the cache does not match it."""
+    try:
+        cache = json.loads((Path(state_dir) / CACHE_FILE).read_bytes())
+        if cache.get("file") != _fingerprint(cert_file):
+            return None
+        return Validity(float(cache["not_before"]), float(cache["not_after"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def read_validity(state_dir: Path, cert_file: Path) -> Validity:
+    """Parse ``cert_file`` (imports cryptography) and refresh the cache."""
+    from . import certs, pki
+
+    not_before, not_after = pki.validity(certs.load_certs(cert_file)[0])
+    validity = Validity(not_before.timestamp(), not_after.timestamp())
+    if Path(state_dir).is_dir():
+        record = {"file": _fingerprint(cert_file), "not_before": validity.not_before,
+                  "not_after": validity.not_after}
+        fsutil.atomic_write(Path(state_dir) / CACHE_FILE, json.dumps(record).encode(), 0o600,
+                            point="check:validity-cache")
+    return validity

@@ -1,0 +1,64 @@
+"""Step 1: a new key and a certificate for it, by EST simple re-enrollment.
+
+The key is generated once and kept in its own 0600 file in the state dir; the
+issued certificate is checked (pki.check_issued) before it is written next to
+it, so a resumed rotation reuses both and never asks the EST server twice for
+the same rotation once it has a good answer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+from . import certs, fsutil, pki
+from .est import EstClient
+from .step import Context, Step
+
+log = logging.getLogger("certrotate")
+
+
+class EstStep(Step):
+    name = "Generate new certificate"
+    key = "est"
+
+    def run(self, ctx: Context) -> None:
+        rotation = ctx.rotation
+        key_path = ctx.journal.new_key_path(rotation.rotation_id)
+        cert_path = ctx.journal.new_cert_path(rotation.rotation_id)
+        if key_path.exists():
+            key = certs.load_key(key_path)
+        else:
+            key = pki.new_key()
+            fsutil.atomic_write(key_path, certs.key_pem(key), 0o600, point="est:new-key")
+        if cert_path.exists():
+            issued_chain = certs.load_certs(cert_path)
+            if pki.spki_der(issued_chain[0].public_key()) == pki.spki_der(key.public_key()):
+                log.info("est: certificate already issued for this rotation")
+                return
+        old_chain = ctx.old_certs()
+        current = old_chain[0]
+        client = EstClient(
+            rotation.est_server,
+            str(ctx.ca_file()),
+            tuple(map(str, ctx.old_identity())),
+            label=ctx.agent.est_label,
+            sleep=ctx.sleep,
+            clock=ctx.clock,
+        )
+        issued = client.simplereenroll(pki.build_csr(key, current))
+        anchors = certs.load_certs(ctx.ca_file(), ctx.sota.ca_file)
+        # The issuing CA may be an intermediate that neither the reply nor
+        # client.pem carries: /cacerts names it (it is checked, not trusted).
+        known_cas = issued + old_chain[1:] + client.cacerts()
+        now = datetime.datetime.fromtimestamp(ctx.clock(), datetime.timezone.utc)
+        leaf = pki.check_issued(issued, key, current, anchors, known_cas, now)
+        chain = [leaf] + _intermediates(issued, leaf, anchors)
+        if len(chain) == 1:
+            chain += old_chain[1:]  # the EST reply carried only the leaf: keep the known chain
+        fsutil.atomic_write(cert_path, certs.certs_pem(chain), 0o644, point="est:new-cert")
+
+
+def _intermediates(issued, leaf, anchors) -> list:
+    """The CA certificates of the EST reply that are neither the leaf nor a trust anchor."""
+    return [cert for cert in issued if cert != leaf and cert not in anchors]

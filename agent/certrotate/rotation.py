@@ -1,0 +1,208 @@
+"""The rotation state machine: run the steps in order, journaling after each.
+
+The journal's ``step`` is the index of the next step to run. After a step
+succeeds its event is queued and then the journal advances (a crash in
+between repeats an idempotent step and at worst queues its event twice; never
+loses it). A failing step records its error in the journal, queues its event
+and CertRotationCompleted with success=false, and leaves the rotation to
+resume. Completion queues CertRotationCompleted (success) before the journal
+closes the rotation.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import PurePosixPath
+
+from . import events as events_mod
+from .config import ConfigError
+from .journal import Rotation
+from .rotate_confirm import ConfirmStep
+from .rotate_est import EstStep
+from .rotate_finalize import FinalizeStep
+from .rotate_local_config import LocalConfigStep
+from .rotate_lock import LockStep
+from .rotate_restart import RestartStep
+from .rotate_retire import RetireStep
+from .rotate_server_config import ServerConfigStep
+from .step import Context, Step, StepError
+
+log = logging.getLogger("certrotate")
+
+ROTATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class StartedStep(Step):
+    """Step 0: announces the rotation (its event is CertRotationStarted)."""
+
+    name = events_mod.STARTED
+    key = "started"
+
+    def run(self, ctx: Context) -> None:
+        pass
+
+
+STEPS: list[Step] = [
+    StartedStep(), EstStep(), LockStep(), LocalConfigStep(), ServerConfigStep(),
+    FinalizeStep(), RestartStep(), ConfirmStep(), RetireStep(),
+]
+CONFIRM_INDEX = next(i for i, step in enumerate(STEPS) if isinstance(step, ConfirmStep))
+
+
+class RotationFailed(Exception):
+    """A step failed; the rotation stays resumable (exit code 1)."""
+
+    exit_code = 1
+
+    def __init__(self, step: Step, message: str, hint: str):
+        super().__init__(f"step '{step.name}' failed: {message}")
+        self.step = step
+        self.hint = hint
+
+
+class RotationWaiting(Exception):
+    """The EST server asked us to come back later (exit code 4)."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.hint = hint
+
+
+def check_rotation_id(rotation_id: str) -> str:
+    if not ROTATION_ID.match(rotation_id):
+        raise ConfigError(
+            f"rotation id {rotation_id!r} is not allowed",
+            hint="use letters, digits, '.', '_' or '-', at most 100 (e.g. certs-1700000000)",
+        )
+    return rotation_id
+
+
+def begin(ctx: Context, rotation_id: str, est_server: str, reason: str = "") -> Rotation:
+    """Record a new rotation in the journal; the first durable act of a rotation."""
+    directory = PurePosixPath(ctx.sota.key_file).parent
+    ctx.state.current = Rotation(
+        rotation_id=check_rotation_id(rotation_id),
+        est_server=est_server,
+        reason=reason,
+        old_key_file=ctx.sota.key_file,
+        old_cert_file=ctx.sota.cert_file,
+        new_key_file=str(directory / f"pkey-{rotation_id}.pem"),
+        new_cert_file=str(directory / f"client-{rotation_id}.pem"),
+    )
+    ctx.save(point="journal:start")
+    log.info("rotation %s: started (EST server %s)", rotation_id, est_server)
+    return ctx.state.current
+
+
+def supersede(ctx: Context, rotation_id: str) -> None:
+    """Note a rotation request that arrived while another is in progress.
+
+    The one in progress completes first; the new id is then recorded as done
+    with it (its certificate is brand new), so it is a no-op when it comes again.
+    """
+    current = ctx.rotation
+    if rotation_id == current.rotation_id or rotation_id in current.superseded:
+        return
+    current.superseded.append(rotation_id)
+    ctx.save(point="journal:superseded")
+    log.info("rotation %s requested while %s is in progress: finishing %s first; "
+             "%s will be satisfied by it", rotation_id, current.rotation_id, current.rotation_id, rotation_id)
+
+
+def run(ctx: Context) -> None:
+    """Run the rotation in progress from its next step to completion."""
+    # Imported here: they need requests and cryptography, which check's fast path avoids.
+    from .est import EstPending
+
+    rotation = ctx.rotation
+    while rotation.step < len(STEPS):
+        step = STEPS[rotation.step]
+        log.info("rotation %s: step %d/%d: %s", rotation.rotation_id, rotation.step,
+                 len(STEPS) - 1, step.name)
+        try:
+            step.run(ctx)
+        except EstPending as err:
+            _record_error(ctx, step, error_text(err), err.hint)
+            ctx.save(point=f"journal:{step.key}-waiting")
+            raise RotationWaiting(f"step '{step.name}': {error_text(err)}", err.hint) from err
+        except Exception as err:
+            hint = getattr(err, "hint", None)
+            if hint is None and not isinstance(err, OSError):
+                raise  # a bug, not a condition the operator can act on: show the traceback
+            hint = hint or "check the file named above (permissions, free space) and run certrotate rotate again"
+            _fail(ctx, step, err, hint)
+        rotation.step += 1
+        rotation.last_error = None
+        ctx.events.queue(step.name, rotation.rotation_id, success=True, point=f"event:{step.key}")
+        ctx.save(point=f"journal:{step.key}")
+    _complete(ctx)
+
+
+def error_text(err: Exception) -> str:
+    """The message of ``err`` without its hint (several error types append it in str())."""
+    if err.args and isinstance(err.args[0], str):
+        return err.args[0]
+    return str(err)
+
+
+def _record_error(ctx: Context, step: Step, message: str, hint: str) -> None:
+    ctx.rotation.last_error = {"step": step.name, "message": message, "hint": hint}
+
+
+def _fail(ctx: Context, step: Step, err: Exception, hint: str) -> None:
+    rotation = ctx.rotation
+    message = error_text(err)
+    _record_error(ctx, step, message, hint)
+    rewind_to = getattr(err, "rewind_to", None)
+    if isinstance(err, StepError) and rewind_to:
+        rotation.step = next(i for i, s in enumerate(STEPS) if s.key == rewind_to)
+    ctx.save(point=f"journal:{step.key}-failed")
+    ctx.events.queue(step.name, rotation.rotation_id, success=False, details=message,
+                     point=f"event:{step.key}-failed")
+    ctx.events.queue(events_mod.COMPLETED, rotation.rotation_id, success=False,
+                     details=f"{step.name}: {message}", point="event:completed-failed")
+    raise RotationFailed(step, message, hint) from err
+
+
+def _complete(ctx: Context) -> None:
+    rotation = ctx.rotation
+    ctx.events.queue(events_mod.COMPLETED, rotation.rotation_id, success=True, point="event:completed")
+    finished = ctx.clock()
+    for rotation_id in [rotation.rotation_id, *rotation.superseded]:
+        ctx.state.completed.append({
+            "rotation_id": rotation_id, "success": True, "finished": finished,
+            **({"satisfied_by": rotation.rotation_id} if rotation_id != rotation.rotation_id else {}),
+        })
+    ctx.state.current = None
+    ctx.save(point="journal:completed")
+    log.info("rotation %s: completed; the device now uses %s", rotation.rotation_id, rotation.new_cert_file)
+
+
+def event_identity(ctx: Context):
+    """The identity the gateway accepts for event delivery right now.
+
+    Until confirm has succeeded the gateway knows the old certificate (and
+    presenting the new one would switch it over early); afterwards, the one
+    sota.toml names.
+    """
+    current = ctx.state.current
+    if current is not None and current.step <= CONFIRM_INDEX:
+        return ctx.old_identity()
+    return ctx.root(ctx.sota.cert_file), ctx.root(ctx.sota.key_file)
+
+
+def deliver_events(ctx: Context) -> bool:
+    """One short attempt to deliver the queued events; never raises."""
+    identity = event_identity(ctx)
+
+    def post(batch: list[dict]) -> None:
+        reply = ctx.gateway(identity, "POST", "/events", point="events", json=batch,
+                            attempts=1, timeout=10.0)
+        if reply.status not in range(200, 205):
+            raise StepError(f"POST /events answered {reply.status}: {reply.first_line()!r}",
+                            hint="the events stay queued for a later run")
+
+    return ctx.events.deliver(post)

@@ -1,0 +1,111 @@
+"""What every rotation step shares: the Step interface, its context, its error.
+
+A step is idempotent: run twice (after a crash, or to resume a failed
+rotation) it finds what it already did and finishes the rest. The context
+carries the edges (filesystem root, clock, sleep, systemd, HTTP sessions), so
+tests drive real steps against a temporary device tree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import certs, http
+from .config import AgentConfig, Root, SotaConfig
+from .events import EventQueue
+from .journal import Journal, Rotation, State
+from .systemd import Systemd
+
+
+class StepError(Exception):
+    """A step could not finish; says why and what the operator can do.
+
+    ``rewind_to`` names the step the rotation resumes from, when the failing
+    step undid earlier ones (confirm going back to the old identity).
+    """
+
+    def __init__(self, message: str, *, hint: str, rewind_to: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+        self.rewind_to = rewind_to
+
+
+class Step:
+    """One step of the rotation. ``name`` is its event name (fioconfig's, exact);
+    ``key`` prefixes its crash points and names it in logs and the journal."""
+
+    name: str = ""
+    key: str = ""
+
+    def run(self, ctx: "Context") -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Context:
+    root: Root
+    sota: SotaConfig
+    agent: AgentConfig
+    journal: Journal
+    state: State
+    events: EventQueue
+    systemd: Systemd
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    _sessions: dict = field(default_factory=dict)
+
+    @property
+    def rotation(self) -> Rotation:
+        assert self.state.current is not None
+        return self.state.current
+
+    def save(self, *, point: str) -> None:
+        self.journal.save(self.state, point=point)
+
+    # Identities: (certificate file, key file) as host paths.
+    def old_identity(self) -> tuple[Path, Path]:
+        return self.root(self.rotation.old_cert_file), self.root(self.rotation.old_key_file)
+
+    def new_identity(self) -> tuple[Path, Path]:
+        return self.root(self.rotation.new_cert_file), self.root(self.rotation.new_key_file)
+
+    def old_key(self):
+        return certs.load_key(self.root(self.rotation.old_key_file), self.rotation.old_key_file)
+
+    def old_certs(self):
+        return certs.load_certs(self.root(self.rotation.old_cert_file), self.rotation.old_cert_file)
+
+    def new_key(self):
+        return certs.load_key(self.journal.new_key_path(self.rotation.rotation_id))
+
+    def ca_file(self) -> Path:
+        return self.root(self.sota.ca_file)
+
+    def gateway(self, identity: tuple[Path, Path], method: str, path: str, *, point: str,
+                json=None, attempts: int = 5, timeout: float = 30.0) -> http.Reply:
+        """One request to the device gateway over mutual TLS as ``identity``."""
+        cache_key = tuple(map(str, identity))
+        session = self._sessions.get(cache_key)
+        if session is None:
+            session = self._sessions[cache_key] = http.make_session(str(self.ca_file()), cache_key)
+        return http.send(
+            session, method, self.sota.gateway_url + path, point=point, json=json,
+            attempts=attempts, timeout=timeout, sleep=self.sleep,
+        )
+
+
+def expect(reply: http.Reply, ok: range, what: str) -> http.Reply:
+    """``reply`` if its status is in ``ok``; otherwise a StepError naming ``what``."""
+    if reply.status in ok:
+        return reply
+    hint = {
+        401: "the gateway did not accept the device certificate; check the device's identity",
+        403: "the gateway refused this device certificate; check that the device is registered "
+        "and not deny-listed",
+        409: "the server refused the change while the device configuration is locked; "
+        "check the device on the server (fioctl devices show)",
+    }.get(reply.status, "check the gateway's logs")
+    raise StepError(f"{what}: the gateway answered {reply.status}: {reply.first_line()!r}", hint=hint)

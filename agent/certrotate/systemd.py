@@ -1,0 +1,52 @@
+"""The agent's view of systemd: which units are active, restart them.
+
+Wraps ``systemctl``; the binary and the way to run it are passed in so tests
+can put a recording systemctl on PATH (there is no systemd in the test sandbox;
+the QEMU suite runs the real one).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Callable, Sequence
+
+
+class SystemdError(Exception):
+    def __init__(self, message: str, *, hint: str):
+        super().__init__(message)
+        self.hint = hint
+
+
+class Systemd:
+    def __init__(self, systemctl: str = "systemctl", run: Callable = subprocess.run):
+        self.systemctl = systemctl
+        self.run = run
+
+    def _call(self, args: Sequence[str]) -> subprocess.CompletedProcess:
+        try:
+            return self.run(
+                [self.systemctl, *args], capture_output=True, text=True, timeout=120
+            )
+        except FileNotFoundError as err:
+            raise SystemdError(
+                f"{self.systemctl} not found", hint="run certrotate on a systemd system"
+            ) from err
+        except subprocess.TimeoutExpired as err:
+            raise SystemdError(
+                f"{self.systemctl} {' '.join(args)} did not finish in 120 s",
+                hint="check the units with systemctl status",
+            ) from err
+
+    def is_active(self, unit: str) -> bool:
+        return self._call(["is-active", "--quiet", unit]).returncode == 0
+
+    def restart(self, units: Sequence[str]) -> None:
+        if not units:
+            return
+        result = self._call(["restart", *units])
+        if result.returncode != 0:
+            raise SystemdError(
+                f"systemctl restart {' '.join(units)} failed ({result.returncode}): "
+                f"{result.stderr.strip()[:300]}",
+                hint="check the units with systemctl status and journalctl",
+            )

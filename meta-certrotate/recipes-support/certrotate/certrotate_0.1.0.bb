@@ -1,0 +1,114 @@
+SUMMARY = "Crash-safe rotation of the device's TLS client key and certificate"
+DESCRIPTION = "certrotate renews the device's aktualizr-lite/fioconfig client \
+               identity by EST simple re-enrollment, speaking FoundriesFactory's \
+               rotation protocol, so that a power cut at any moment leaves a \
+               working identity."
+HOMEPAGE = "https://github.com/certrotate/certrotate"
+BUGTRACKER = "https://github.com/certrotate/certrotate/issues"
+SECTION = "admin"
+LICENSE = "Apache-2.0"
+# The agent states its license in agent/pyproject.toml (tests/layer checks
+# that these lines still say Apache-2.0).
+LIC_FILES_CHKSUM = "file://agent/pyproject.toml;beginline=11;endline=11;md5=b785a1f4e1ff6e5da7331358b80f813b"
+CVE_PRODUCT = "certrotate"
+
+# The agent is built from agent/ of the repository this layer lives in,
+# unpacked with the repository's layout below ${S}. Set CERTROTATE_REPO_DIR
+# (e.g. in local.conf) to build another checkout.
+CERTROTATE_REPO_DIR ?= "${@os.path.normpath(os.path.join(d.getVar('FILE_DIRNAME'), '..', '..', '..'))}"
+FILESEXTRAPATHS:prepend := "${CERTROTATE_REPO_DIR}:"
+SRC_URI = "file://agent;subdir=${BP} \
+           file://tests/agent;subdir=${BP} \
+           file://tests/pki.py;subdir=${BP} \
+           file://tests/estfaults.py;subdir=${BP} \
+           file://certrotate.service \
+           file://certrotate.timer \
+           file://certrotate.toml.in \
+           file://fioconfig-handler \
+           file://run-ptest \
+"
+PEP517_SOURCE_PATH = "${S}/agent"
+
+inherit python_setuptools_build_meta systemd ptest features_check
+
+# The agent restarts aktualizr-lite and fioconfig through systemd.
+REQUIRED_DISTRO_FEATURES = "systemd"
+
+# Written to /etc/certrotate/certrotate.toml; see the layer's README.md.
+CERTROTATE_EST_SERVER ??= ""
+CERTROTATE_EST_LABEL ??= ""
+CERTROTATE_LIFETIME_FRACTION ??= "0.667"
+CERTROTATE_MAX_AGE_DAYS ??= "365"
+CERTROTATE_RESTART_SERVICES ??= "aktualizr-lite.service fioconfig.service"
+# Name of the fioconfig on-changed handler. fioconfig's own package owns
+# "renew-client-cert" (the name fioctl rotate-certs asks for), so the default
+# stays clear of it; see README.md for taking that name over.
+CERTROTATE_FIOCONFIG_HANDLER ??= "certrotate-renew-client-cert"
+
+SYSTEMD_SERVICE:${PN} = "certrotate.timer"
+
+# Plain POSIX sh with install and sed only: tests/recipe_install.py runs this
+# body outside BitBake to build the test images from the same payload.
+do_install:append() {
+    install -d ${D}${systemd_system_unitdir}
+    install -m 0644 ${WORKDIR}/certrotate.service ${D}${systemd_system_unitdir}/certrotate.service
+    install -m 0644 ${WORKDIR}/certrotate.timer ${D}${systemd_system_unitdir}/certrotate.timer
+    sed -i -e 's|@BINDIR@|${bindir}|g' ${D}${systemd_system_unitdir}/certrotate.service
+
+    restart_units=""
+    for unit in ${CERTROTATE_RESTART_SERVICES}; do
+        restart_units="$restart_units${restart_units:+, }\"$unit\""
+    done
+    install -d ${D}${sysconfdir}/certrotate
+    install -m 0644 ${WORKDIR}/certrotate.toml.in ${D}${sysconfdir}/certrotate/certrotate.toml
+    sed -i -e 's|@EST_SERVER@|${CERTROTATE_EST_SERVER}|g' \
+        -e 's|@EST_LABEL@|${CERTROTATE_EST_LABEL}|g' \
+        -e 's|@LIFETIME_FRACTION@|${CERTROTATE_LIFETIME_FRACTION}|g' \
+        -e 's|@MAX_AGE_DAYS@|${CERTROTATE_MAX_AGE_DAYS}|g' \
+        -e "s|@RESTART_SERVICES@|$restart_units|g" \
+        ${D}${sysconfdir}/certrotate/certrotate.toml
+    if [ -z "${CERTROTATE_EST_SERVER}" ]; then
+        # No built-in EST server: leave the key out (commented) rather than
+        # write an empty URL; fioconfig's ESTSERVER= still drives rotations.
+        sed -i -e 's|^server = ""$|# server = "https://est.example.org/.well-known/est"|' \
+            ${D}${sysconfdir}/certrotate/certrotate.toml
+    fi
+
+    install -d ${D}${datadir}/fioconfig/handlers
+    install -m 0755 ${WORKDIR}/fioconfig-handler ${D}${datadir}/fioconfig/handlers/${CERTROTATE_FIOCONFIG_HANDLER}
+    sed -i -e 's|@BINDIR@|${bindir}|g' ${D}${datadir}/fioconfig/handlers/${CERTROTATE_FIOCONFIG_HANDLER}
+}
+
+# The agent's unit tests with the helper modules they import from tests/.
+do_install_ptest() {
+    install -d ${D}${PTEST_PATH}/tests/agent
+    install -m 0644 ${S}/tests/pki.py ${S}/tests/estfaults.py ${D}${PTEST_PATH}/tests/
+    install -m 0644 ${S}/tests/agent/*.py ${D}${PTEST_PATH}/tests/agent/
+}
+
+# systemd.bbclass packages the timer (SYSTEMD_SERVICE); the service it starts
+# has no [Install] section and is listed here.
+FILES:${PN} += "${systemd_system_unitdir}/certrotate.service \
+                ${sysconfdir}/certrotate/certrotate.toml \
+                ${datadir}/fioconfig/handlers/${CERTROTATE_FIOCONFIG_HANDLER} \
+"
+CONFFILES:${PN} = "${sysconfdir}/certrotate/certrotate.toml"
+
+# Exactly what agent/certrotate imports (tests/layer checks both lists
+# against the source); ptest.bbclass adds ${PN} to the ptest package.
+RDEPENDS:${PN} = "python3-core \
+                  python3-cryptography \
+                  python3-datetime \
+                  python3-email \
+                  python3-fcntl \
+                  python3-json \
+                  python3-logging \
+                  python3-math \
+                  python3-netclient \
+                  python3-requests \
+                  python3-tomllib \
+                  python3-urllib3 \
+"
+RDEPENDS:${PN}-ptest += "python3-io \
+                         python3-pytest \
+"

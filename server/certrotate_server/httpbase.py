@@ -1,0 +1,215 @@
+"""Threaded HTTPS server shared by the EST server and the gateway.
+
+The TLS handshake runs in the connection's worker thread (not in accept()), so
+one slow or hostile client cannot stall the listener, and handshakes of many
+devices proceed in parallel (OpenSSL releases the GIL).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import ssl
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cryptography import x509
+
+log = logging.getLogger("certrotate_server")
+
+# Idle keep-alive connections and stalled handshakes are dropped after this.
+SOCKET_TIMEOUT = 30
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class TlsHttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 4096
+    allow_reuse_address = True
+
+    def __init__(self, address, handler_class, context: ssl.SSLContext, app):
+        self.app = app
+        super().__init__(address, handler_class)
+        self.socket = context.wrap_socket(
+            self.socket, server_side=True, do_handshake_on_connect=False
+        )
+
+    def get_request(self):
+        conn, addr = self.socket.accept()
+        conn.settimeout(SOCKET_TIMEOUT)
+        return conn, addr
+
+    def handle_error(self, request, client_address):
+        log.warning("connection from %s failed", client_address[0], exc_info=True)
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+
+class BaseHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "certrotate-server"
+    sys_version = ""
+    max_body = 1024 * 1024
+    routes: dict = {}
+
+    def setup(self):
+        try:
+            self.request.do_handshake()
+        except (ssl.SSLError, OSError) as err:
+            # A refused client certificate or a client that hung up: no HTTP exchange.
+            log.info("%s tls handshake failed: %s", self.client_address[0], err)
+            self.handshake_ok = False
+        else:
+            self.handshake_ok = True
+        super().setup()
+
+    def handle(self):
+        if not self.handshake_ok:
+            return
+        try:
+            super().handle()
+        except (ssl.SSLError, ConnectionError, TimeoutError) as err:
+            # Clients that hang up without close_notify, or idle past the timeout.
+            log.debug("%s connection ended: %s", self.client_address[0], err)
+
+    def finish(self):
+        try:
+            super().finish()
+        except (ssl.SSLError, OSError):
+            pass
+
+    # Dispatch ---------------------------------------------------------------
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PATCH(self):
+        self._dispatch("PATCH")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str):
+        self.started = time.monotonic()
+        self.identity = "-"
+        self._body = None
+        try:
+            self.route(method, self.path.split("?", 1)[0])
+        except HttpError as err:
+            self.send_error_body(err.status, err.message, err.headers)
+        except Exception:
+            log.exception("internal error on %s %s", method, self.path)
+            self.send_error_body(500, "internal server error; see the server log")
+
+    def route(self, method: str, path: str):
+        raise NotImplementedError
+
+    # Requests ---------------------------------------------------------------
+    def peer_cert(self) -> x509.Certificate | None:
+        der = self.request.getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der) if der else None
+
+    def read_body(self) -> bytes:
+        if self._body is not None:
+            return self._body
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise HttpError(411, "chunked bodies are not accepted; send Content-Length")
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            raise HttpError(411, "Content-Length header required")
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise HttpError(400, f"bad Content-Length {length_text!r}") from None
+        if length < 0:
+            raise HttpError(400, "negative Content-Length")
+        if length > self.max_body:
+            # The body is not read: close so it is not parsed as the next request.
+            self.close_connection = True
+            raise HttpError(413, f"request body of {length} bytes exceeds the limit of {self.max_body}")
+        self._body = self.rfile.read(length)
+        if len(self._body) != length:
+            self.close_connection = True
+            raise HttpError(400, "request body shorter than Content-Length")
+        return self._body
+
+    def read_json(self):
+        body = self.read_body()
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise HttpError(400, f"request body is not valid JSON: {err}") from None
+
+    # Responses --------------------------------------------------------------
+    def send(self, status: int, body: bytes = b"", content_type: str | None = None, headers: dict | None = None):
+        self.send_response_only(status)
+        self.send_header("Date", self.date_time_string())
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, str(value))
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
+        self.log_line(status, len(body))
+
+    def send_json(self, status: int, obj, headers: dict | None = None):
+        self.send(status, (json.dumps(obj, indent=None) + "\n").encode(), "application/json", headers)
+
+    def send_error_body(self, status: int, message: str, headers: dict | None = None):
+        """Error replies: plain text, what happened and what to do."""
+        self.send(status, (message + "\n").encode(), "text/plain; charset=utf-8", headers)
+
+    def log_line(self, status: int, size: int):
+        elapsed = (time.monotonic() - getattr(self, "started", time.monotonic())) * 1000
+        log.info(
+            "%s %s %s %s %d %d %.1fms",
+            self.client_address[0], self.identity, self.command, self.path, status, size, elapsed,
+        )
+
+    # BaseHTTPRequestHandler writes its own errors (bad request lines) through these.
+    def log_message(self, format, *args):
+        log.info("%s %s", self.client_address[0], format % args)
+
+    def log_request(self, code="-", size="-"):
+        pass
+
+
+def server_context(cert_file, key_file, verify_mode, ca_files=()) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    ctx.verify_mode = verify_mode
+    for ca in ca_files:
+        ctx.load_verify_locations(ca)
+    # The device CA is trusted on its own: client chains end there.
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return ctx
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"listen address {text!r} is not HOST:PORT (e.g. 127.0.0.1:8443; port 0 = any free port)")
+    host = host.strip("[]") or "127.0.0.1"
+    socket.getaddrinfo(host, int(port))
+    return host, int(port)

@@ -1,0 +1,264 @@
+"""X.509 building blocks: keys, CAs, TLS server certs, device certs, PKCS#7."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+import string
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509.name import _ASN1Type
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ROOT_CA_DAYS = 30 * 365
+DEVICE_CA_DAYS = 25 * 365
+TLS_SERVER_DAYS = 10 * 365
+# lmp-device-register issues 20-year initial device certificates.
+INITIAL_DEVICE_DAYS = 20 * 365
+# Tolerate small clock skew between the factory and devices.
+BACKDATE = dt.timedelta(minutes=5)
+
+
+class PkiError(Exception):
+    """A certificate or key could not be read or does not qualify."""
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_pem(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def pubkey_pem(public_key) -> str:
+    return public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+def pubkey_der(public_key) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def normalize_pubkey_pem(text: str) -> str:
+    """Canonical PEM of a public key given as PEM text; PkiError when it is not one."""
+    try:
+        key = serialization.load_pem_public_key(text.encode())
+    except (ValueError, TypeError) as err:
+        raise PkiError(f"not a PEM public key: {err}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise PkiError("public key is not an elliptic-curve key")
+    return pubkey_pem(key)
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def pubkey_fingerprint(public_key) -> str:
+    return hashlib.sha256(pubkey_der(public_key)).hexdigest()
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a private key file: created 0600, never world-readable, even briefly."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise PkiError(f"cannot read certificate {path}: {err}") from None
+
+
+def load_key(path: Path):
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as err:
+        raise PkiError(f"cannot read private key {path}: {err}") from None
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key, not_before, not_after):
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
+PRINTABLE = set(string.ascii_letters + string.digits + " '()+,-./:=?")
+
+
+def _attribute(oid, value: str) -> x509.NameAttribute:
+    """PrintableString when the value allows it, else UTF8String: as Go's crypto/x509
+    (FoundriesFactory) and strongSwan encode names, so their CSRs copy our Subjects
+    byte for byte."""
+    kind = _ASN1Type.PrintableString if set(value) <= PRINTABLE else _ASN1Type.UTF8String
+    return x509.NameAttribute(oid, value, _type=kind)
+
+
+def _name(cn: str, ou: str | None = None) -> x509.Name:
+    attrs = []
+    if ou:
+        attrs.append(_attribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
+    attrs.append(_attribute(NameOID.COMMON_NAME, cn))
+    return x509.Name(attrs)
+
+
+def _ca_extensions(builder, path_length: int | None):
+    return builder.add_extension(
+        x509.BasicConstraints(ca=True, path_length=path_length), critical=True
+    ).add_extension(
+        x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=True,
+            crl_sign=True, encipher_only=False, decipher_only=False,
+        ),
+        critical=True,
+    )
+
+
+def make_root_ca(factory: str, key) -> x509.Certificate:
+    now = _now()
+    name = _name(f"{factory} root CA", factory)
+    builder = _ca_extensions(
+        _builder(name, name, key.public_key(), now - BACKDATE, now + dt.timedelta(days=ROOT_CA_DAYS)),
+        path_length=1,
+    )
+    return builder.sign(key, hashes.SHA256())
+
+
+def make_device_ca(factory: str, key, root_cert: x509.Certificate, root_key) -> x509.Certificate:
+    now = _now()
+    not_after = min(now + dt.timedelta(days=DEVICE_CA_DAYS), root_cert.not_valid_after_utc)
+    builder = _ca_extensions(
+        _builder(_name(f"{factory} device CA", factory), root_cert.subject, key.public_key(),
+                 now - BACKDATE, not_after),
+        path_length=0,
+    ).add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False
+    )
+    return builder.sign(root_key, hashes.SHA256())
+
+
+def make_tls_server_cert(cn: str, hostnames: list[str], key, root_cert, root_key) -> x509.Certificate:
+    now = _now()
+    sans: list[x509.GeneralName] = []
+    for host in hostnames:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    not_after = min(now + dt.timedelta(days=TLS_SERVER_DAYS), root_cert.not_valid_after_utc)
+    builder = (
+        _builder(_name(cn), root_cert.subject, key.public_key(), now - BACKDATE, not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False
+        )
+    )
+    return builder.sign(root_key, hashes.SHA256())
+
+
+def device_subject(device: str, factory: str) -> x509.Name:
+    return _name(device, factory)
+
+
+def device_san(device: str) -> x509.SubjectAlternativeName:
+    return x509.SubjectAlternativeName([x509.DNSName(device)])
+
+
+def issue_device_cert(
+    subject: x509.Name,
+    san: x509.SubjectAlternativeName | None,
+    public_key,
+    ca_cert: x509.Certificate,
+    ca_key,
+    days: int,
+) -> x509.Certificate:
+    """A client certificate: digitalSignature + clientAuth only, never a CA, never past the CA."""
+    now = _now()
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    builder = (
+        _builder(subject, ca_cert.subject, public_key, now - BACKDATE, not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def certs_only_pkcs7(certs: list[x509.Certificate]) -> bytes:
+    """DER of a certs-only (degenerate SignedData) PKCS#7, as EST replies carry."""
+    return pkcs7.serialize_certificates(certs, serialization.Encoding.DER)
+
+
+def subject_alt_name(cert_or_csr):
+    """The SubjectAlternativeName extension, or None."""
+    try:
+        return cert_or_csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return None

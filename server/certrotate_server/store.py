@@ -1,0 +1,168 @@
+"""SQLite storage: WAL, versioned schema, one connection per thread.
+
+Durability: WAL with synchronous=NORMAL keeps every committed transaction
+across a SIGKILL of the process (the WAL is in the OS page cache); it may
+lose the last transactions on power loss, which this reference backend accepts.
+Callers acknowledge a write to a client only after `transaction()` returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE devices (
+            name TEXT PRIMARY KEY,
+            pubkey TEXT NOT NULL,
+            next_pubkey TEXT,
+            group_name TEXT,
+            created_at TEXT NOT NULL,
+            pubkey_changed_at TEXT
+        );
+        CREATE TABLE certificates (
+            fingerprint TEXT PRIMARY KEY,
+            serial TEXT NOT NULL,
+            device TEXT NOT NULL,
+            pubkey TEXT NOT NULL,
+            not_after TEXT NOT NULL,
+            issued_at TEXT NOT NULL,
+            issued_by TEXT NOT NULL
+        );
+        CREATE INDEX certificates_device ON certificates(device);
+        CREATE TABLE deny_list (
+            fingerprint TEXT PRIMARY KEY,
+            serial TEXT NOT NULL,
+            device TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE config_files (
+            scope TEXT NOT NULL CHECK (scope IN ('factory', 'group', 'device')),
+            owner TEXT NOT NULL,
+            name TEXT NOT NULL,
+            value TEXT NOT NULL,
+            unencrypted INTEGER NOT NULL,
+            on_changed TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (scope, owner, name)
+        );
+        CREATE TABLE device_events (
+            device TEXT NOT NULL,
+            id TEXT NOT NULL,
+            correlation_id TEXT NOT NULL,
+            event_type TEXT NOT NULL,
+            event_version INTEGER NOT NULL,
+            device_time TEXT NOT NULL,
+            success INTEGER,
+            target_name TEXT NOT NULL,
+            version TEXT NOT NULL,
+            details TEXT NOT NULL,
+            received_at TEXT NOT NULL,
+            PRIMARY KEY (device, id)
+        );
+        CREATE INDEX device_events_update ON device_events(device, correlation_id);
+        CREATE TABLE factory_events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            type TEXT NOT NULL,
+            device TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE enrollment_requests (
+            pubkey TEXT PRIMARY KEY,
+            subject TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'approved')),
+            created_at TEXT NOT NULL
+        );
+        """,
+    ),
+]
+
+
+def utcnow() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self.migrate()
+
+    def connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT: a writer waits for the lock up front (no upgrade deadlock)."""
+        conn = self.connection()
+        for attempt in range(50):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or attempt == 49:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def query(self, sql: str, args=()) -> list[sqlite3.Row]:
+        return self.connection().execute(sql, args).fetchall()
+
+    def query_one(self, sql: str, args=()) -> sqlite3.Row | None:
+        return self.connection().execute(sql, args).fetchone()
+
+    def migrate(self) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            for version, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in sql.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, utcnow()))
+
+    def schema_version(self) -> int:
+        row = self.query_one("SELECT MAX(version) FROM schema_migrations")
+        return row[0] or 0
+
+    # Factory events ------------------------------------------------------
+    @staticmethod
+    def add_factory_event(conn, type_: str, device: str, payload: dict) -> None:
+        conn.execute(
+            "INSERT INTO factory_events (type, device, payload, created_at) VALUES (?, ?, ?, ?)",
+            (type_, device, json.dumps(payload, sort_keys=True), utcnow()),
+        )

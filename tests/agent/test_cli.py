@@ -1,0 +1,126 @@
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from certrotate import cli
+from pki import TestPki, write_device_tree
+
+DAY = datetime.timedelta(days=1)
+
+
+@pytest.fixture
+def device(tmp_path):
+    return write_device_tree(tmp_path / "dev", TestPki(), est_url="https://127.0.0.1:1/.well-known/est")
+
+
+def no_sleep(seconds):
+    pass
+
+
+def test_check_with_nothing_due_is_quiet_and_imports_nothing_heavy(device):
+    probe = (
+        "import sys\n"
+        "from certrotate.cli import main\n"
+        f"code = main(['--root', {str(device.root)!r}, 'check'])\n"
+        "heavy = sorted(m for m in ('requests', 'cryptography', 'urllib3', 'ssl') if m in sys.modules)\n"
+        "print(code, heavy)\n"
+    )
+    first = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert first.stdout.strip() == "0 ['cryptography']", first.stderr  # cache miss: parses the cert once
+    second = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert (second.stdout.strip(), second.stderr) == ("0 []", "")
+
+
+def test_check_starts_a_rotation_when_due_and_reports_the_failing_step(tmp_path, capsys):
+    pki = TestPki()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    old = pki.device(not_before=now - 300 * DAY, not_after=now + 60 * DAY)
+    device = write_device_tree(tmp_path / "dev", pki, identity=old,
+                               est_url="https://127.0.0.1:1/.well-known/est")
+    code = cli.main(["--root", str(device.root), "check"], sleep=no_sleep)
+    assert code == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "due for renewal" in err
+    assert "step 'Generate new certificate' failed: EST simplereenroll: cannot connect to 127.0.0.1:1" in err
+    assert "what to do:" in err
+    state = json.loads((device.state_dir / "state.json").read_text())
+    assert state["current"]["step"] == 1
+    assert state["current"]["last_error"]["step"] == "Generate new certificate"
+    # The key for the rotation exists, private, outside the journal.
+    (key_file,) = device.state_dir.glob("*.key")
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert "PRIVATE KEY" not in (device.state_dir / "state.json").read_text()
+    # The next check resumes it (and fails the same way): nothing is started twice.
+    assert cli.main(["--root", str(device.root), "check"], sleep=no_sleep) == cli.EXIT_FAILED
+    assert "resuming at step 1" in capsys.readouterr().err
+    assert list(device.state_dir.glob("*.key")) == [key_file]
+
+
+def test_missing_configuration_is_exit_2_with_a_hint(tmp_path, capsys):
+    assert cli.main(["--root", str(tmp_path), "rotate"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "sota.toml" in err and "what to do: provision the device" in err
+
+
+def test_rotate_without_est_server_is_exit_2(device, capsys):
+    device.certrotate_toml.write_text("")
+    assert cli.main(["--root", str(device.root), "rotate"]) == cli.EXIT_USAGE
+    assert "no EST server configured" in capsys.readouterr().err
+    assert json.loads((device.state_dir / "state.json").read_text() if (device.state_dir / "state.json").exists()
+                      else '{"current": null}')["current"] is None
+
+
+def test_bad_rotation_id_is_exit_2(device, capsys):
+    assert cli.main(["--root", str(device.root), "rotate", "--rotation-id", "../x"]) == cli.EXIT_USAGE
+    assert "rotation id '../x' is not allowed" in capsys.readouterr().err
+
+
+def test_lock_held_is_exit_3(device, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from certrotate.journal import Journal; "
+         f"Journal({str(device.state_dir)!r}).lock(); print('ok', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        assert cli.main(["--root", str(device.root), "rotate"]) == cli.EXIT_LOCKED
+        assert "another certrotate holds" in capsys.readouterr().err
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "CONFIG_FILE is not set"),
+    ("ESTSERVER=https://x\n", "sets no ROTATIONID"),
+])
+def test_handler_needs_the_fio_rotate_certs_file(device, tmp_path, monkeypatch, capsys, content, message):
+    monkeypatch.delenv("CONFIG_FILE", raising=False)
+    if content is not None:
+        path = tmp_path / "fio-rotate-certs"
+        path.write_text(content)
+        monkeypatch.setenv("CONFIG_FILE", str(path))
+    assert cli.main(["--root", str(device.root), "handler"]) == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_status_text_and_json(device, capsys):
+    assert cli.main(["--root", str(device.root), "status"]) == 0
+    text = capsys.readouterr().out
+    assert f"subject:   {device.identity.cert.subject.rfc4514_string()}" in text
+    assert "rotation in progress: none" in text and "days left" in text
+    assert cli.main(["--root", str(device.root), "status", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["certificate"]["serial"] == format(device.identity.cert.serial_number, "x")
+    assert 363 < data["certificate"]["days_left"] <= 365
+    assert data["rotation"] is None and data["queued_events"] == 0
+
+
+def test_usage_error_is_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["frobnicate"])
+    assert exit_info.value.code == 2

@@ -1,0 +1,91 @@
+import pytest
+
+from certrotate import config
+from certrotate.config import ConfigError, Root
+from pki import SOTA_TOML, TestPki, write_device_tree
+
+
+@pytest.fixture
+def device(tmp_path):
+    return write_device_tree(tmp_path / "dev", TestPki(), est_url="https://127.0.0.1:1/.well-known/est")
+
+
+def test_reads_sota_toml_under_root(device):
+    sota = config.load_sota(Root(device.root))
+    assert sota.gateway_url == "https://127.0.0.1:8443"
+    assert (sota.ca_file, sota.key_file, sota.cert_file) == (
+        "/var/sota/root.crt", "/var/sota/pkey.pem", "/var/sota/client.pem")
+    assert sota.origins["import.tls_pkey_path"] == "/var/sota/sota.toml"
+
+
+def test_conf_d_merges_key_by_key_in_aktualizr_order(device):
+    usr = device.root / "usr/lib/sota/conf.d"
+    etc = device.root / "etc/sota/conf.d"
+    usr.mkdir(parents=True)
+    etc.mkdir(parents=True)
+    (usr / "10-base.toml").write_text('[tls]\nserver = "https://usr:1"\n[import]\ntls_pkey_path = "usr.pem"\n')
+    (etc / "20-b.toml").write_text('[import]\nbase_path = "/data/sota"\ntls_clientcert_path = "c.pem"\n')
+    (etc / "10-a.toml").write_text('[tls]\nserver = "https://etc-a:1"\n')
+    sota = config.load_sota(Root(device.root))
+    assert sota.gateway_url == "https://etc-a:1"  # /etc wins over /var and /usr
+    assert sota.key_file == "/var/sota/pkey.pem"  # /var/sota/sota.toml wins over /usr/lib
+    assert sota.cert_file == "/data/sota/c.pem"  # relative to the effective base_path
+    assert sota.origins["import.tls_clientcert_path"] == "/etc/sota/conf.d/20-b.toml"
+
+
+def test_point_tls_at_changes_only_the_two_lines(device):
+    root = Root(device.root)
+    original = device.sota_toml.read_text()
+    sota = config.load_sota(root)
+    config.point_tls_at(root, sota, "/var/sota/pkey-certs-1.pem", "/var/sota/client-certs-1.pem", point="t:sota")
+    expected = original.replace('tls_clientcert_path = "/var/sota/client.pem"',
+                                'tls_clientcert_path = "/var/sota/client-certs-1.pem"')
+    expected = expected.replace('tls_pkey_path = "/var/sota/pkey.pem"', 'tls_pkey_path = "/var/sota/pkey-certs-1.pem"')
+    assert device.sota_toml.read_text() == expected
+    assert device.sota_toml.stat().st_mode & 0o777 == 0o644
+    reread = config.load_sota(root)
+    assert (reread.key_file, reread.cert_file) == ("/var/sota/pkey-certs-1.pem", "/var/sota/client-certs-1.pem")
+
+
+def test_point_tls_at_edits_the_file_that_defines_the_effective_value(device):
+    root = Root(device.root)
+    override = device.root / "etc/sota/conf.d/50-hsm.toml"
+    override.parent.mkdir(parents=True)
+    override.write_text("# local override\n[import]\ntls_pkey_path = '/var/sota/other.pem'  # keep me\n")
+    before_var = device.sota_toml.read_text()
+    sota = config.load_sota(root)
+    config.point_tls_at(root, sota, "/var/sota/new.pem", "/var/sota/client-new.pem", point="t:sota")
+    assert override.read_text() == '# local override\n[import]\ntls_pkey_path = "/var/sota/new.pem"  # keep me\n'
+    assert device.sota_toml.read_text() == before_var.replace("/var/sota/client.pem", "/var/sota/client-new.pem")
+
+
+def test_missing_sota_toml_says_what_to_do(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        config.load_sota(Root(tmp_path))
+    assert "provision" in err.value.hint
+
+
+def test_malformed_sota_toml(device):
+    device.sota_toml.write_text(SOTA_TOML.format(gateway_url="x") + "[broken\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load_sota(Root(device.root))
+
+
+def test_agent_config_defaults_and_values(device, tmp_path):
+    assert config.load_agent(Root(tmp_path)) == config.AgentConfig()
+    agent = config.load_agent(Root(device.root))
+    assert agent.est_server == "https://127.0.0.1:1/.well-known/est"
+    assert agent.lifetime_fraction == 0.667 and agent.max_age_days == 365.0
+    assert agent.state_dir == "/var/sota/certrotate"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[renewal]\nlifetime_fraction = 2\n", "lifetime_fraction must be in"),
+    ("[renewal]\nmax_age_days = \"x\"\n", "max_age_days must be a float"),
+    ("[services]\nrestart = [1]\n", "list of unit names"),
+    ("est = 1\n", "est must be a table"),
+])
+def test_agent_config_rejects_bad_values(device, text, message):
+    device.certrotate_toml.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        config.load_agent(Root(device.root))

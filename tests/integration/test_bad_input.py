@@ -1,0 +1,193 @@
+"""Bad EST replies, each met by the real agent CLI (`certrotate --root DEV rotate`).
+
+The EST server is tests/estfaults.py's faulty one, over real TLS on 127.0.0.1,
+with a TLS certificate from the real backend's root and device certificates
+signed by the backend's own device CA, so that everything but the one fault
+is genuine. For each case: a clear error naming the step, exit code 1, the old
+identity intact (same key and certificate files, sota.toml unchanged, the
+gateway still accepting the old certificate), and the rotation resumable: once
+the server is fixed (it relays to the backend's real EST server), a second
+run completes the rotation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from agentdevice import OldIdentity, active_identity, assert_rotated, fake_systemctl, run_agent
+from backend import Backend
+from estfaults import Answer, FaultyEst, Request, b64_lines, certs_answer
+from pki import DAY, Authority, TestPki, device_name, new_key, utcnow
+
+pytestmark = pytest.mark.timeout(300)
+
+STEP = "Generate new certificate"
+HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>503 Service Temporarily Unavailable</title>"
+             b"</head><body><center>nginx</center></body></html>\n")
+
+
+def issued(**changes):
+    """A fault: a certs-only reply holding a certificate for the CSR with ``changes``."""
+    return lambda server, request: certs_answer([server.issue(request, **changes)])
+
+
+def bare_certificate(server: FaultyEst, request: Request) -> Answer:
+    """A DER certificate, base64: valid base64, valid DER, but no PKCS#7 around it."""
+    return Answer(body=b64_lines(server.issue(request).public_bytes(serialization.Encoding.DER)))
+
+
+# case -> (what the faulty server answers to simplereenroll, what stderr must say)
+CASES = {
+    "malformed base64": (
+        lambda server, request: Answer(body=b"MIIBxTCCAWug!!!*not*base64*\n"),
+        r"EST simplereenroll: the reply is not valid base64"),
+    "not PKCS#7": (
+        bare_certificate,
+        r"EST simplereenroll: the reply is not PKCS#7"),
+    "PKCS#7 with no certificate": (
+        lambda server, request: certs_answer([]),
+        r"the PKCS#7 reply holds no certificate"),
+    "PKCS#7 with two certificates": (
+        lambda server, request: certs_answer([server.issue(request), server.issue(request)]),
+        r"holds 2 end-entity certificates; exactly one was expected"),
+    "certificate for another key": (
+        lambda server, request: certs_answer([server.issue(request, public_key=new_key().public_key())]),
+        r"the issued certificate is for another key"),
+    "another subject": (
+        issued(subject=device_name("someone-else", "certrotate-factory")),
+        r"the issued certificate names another subject: '.*someone-else'"),
+    "expired": (
+        lambda server, request: certs_answer([server.issue(
+            request, not_before=utcnow() - 30 * DAY, not_after=utcnow() - DAY)]),
+        r"the issued certificate \(.*\) expired"),
+    "not yet valid": (
+        lambda server, request: certs_answer([server.issue(
+            request, not_before=utcnow() + DAY, not_after=utcnow() + 30 * DAY)]),
+        r"the issued certificate \(.*\) is not valid yet"),
+    "untrusted CA": (
+        issued(issuer=TestPki("certrotate-factory").device_ca),
+        r"does not chain to the trust anchor"),
+    "wrong content type": (
+        lambda server, request: certs_answer([server.issue(request)], content_type="application/octet-stream"),
+        r"content type 'application/octet-stream' instead of application/pkcs7-mime"),
+    "HTML error page": (
+        lambda server, request: Answer(body=HTML_PAGE, content_type="text/html"),
+        r"an HTML page titled '503 Service Temporarily Unavailable'"),
+    "4xx with a text body": (
+        lambda server, request: Answer(status=400, body=b"CSR rejected: key too weak\nrequest id 7f3a\n",
+                                       content_type="text/plain; charset=utf-8"),
+        r"EST simplereenroll answered 400: 'CSR rejected: key too weak'"),
+    "truncated body": (
+        lambda server, request: certs_answer([server.issue(request)], cut_after=120),
+        r"EST simplereenroll: .*(truncated: 120 of \d+ bytes|broke after 120 body bytes of \d+)"),
+    "oversized body": (
+        lambda server, request: Answer(body=b"QUFB" * (1 << 19)),
+        r"the reply announces 2097152 bytes, more than the 1048576-byte limit"),
+    "connection reset mid-body": (
+        lambda server, request: certs_answer([server.issue(request)], reset_after=120),
+        r"EST simplereenroll: .*connection broke after 120 body bytes"),
+}
+
+
+def load_authority(directory: Path, name: str) -> Authority:
+    key = load_pem_private_key((directory / f"{name}.key").read_bytes(), None)
+    return Authority(key, x509.load_pem_x509_certificate((directory / f"{name}.crt").read_bytes()))
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory):
+    """One real backend for the module; each test registers its own device."""
+    backend = Backend(tmp_path_factory.mktemp("bad-input") / "factory")
+    backend.start()
+    try:
+        yield backend
+    finally:
+        backend.stop()
+
+
+@pytest.fixture
+def faulty(factory, tmp_path):
+    root = load_authority(factory.dir, "root")
+    device_ca = load_authority(factory.dir, "device-ca")
+    with FaultyEst(root, device_ca, tmp_path / "faulty-est") as server:
+        yield server
+
+
+def device_files(device: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of /var/sota but the agent's own state dir: contents and mode."""
+    sota = device / "var/sota"
+    return {
+        str(path.relative_to(sota)): (path.read_bytes(), path.stat().st_mode & 0o777)
+        for path in sorted(sota.rglob("*"))
+        if path.is_file() and "certrotate" not in path.relative_to(sota).parts
+    }
+
+
+def only_reenroll(server: FaultyEst, fault):
+    """Break simplereenroll; answer everything else correctly."""
+    def answer(request: Request) -> Answer:
+        if request.operation == "simplereenroll":
+            return fault(server, request)
+        return server.good_answer(request)
+    return answer
+
+
+def fail_then_resume(factory, server: FaultyEst, tmp_path: Path, name: str, expected: str,
+                     fix=lambda: None):
+    """Run the agent against the faulty server, check the failure, fix the server, run again."""
+    device = factory.register(name, tmp_path / name)
+    old = OldIdentity(device, tmp_path / "old")
+    before = device_files(device)
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+
+    failed = run_agent(device, "rotate", "--est-server", server.url, bin_dir=bin_dir)
+    assert failed.returncode == 1, failed.stderr
+    assert f"step '{STEP}' failed" in failed.stderr, failed.stderr
+    assert re.search(expected, failed.stderr), failed.stderr
+    assert re.search(r"what to do: \S", failed.stderr), failed.stderr
+    assert "PRIVATE KEY" not in failed.stderr
+    # The old identity is untouched and still good at the gateway.
+    assert device_files(device) == before
+    assert active_identity(device) == (old.device_key_file, device / "var/sota/client.pem")
+    assert factory.gateway(device, "GET", "/device").status_code == 200
+    status = json.loads(run_agent(device, "status", "--json", bin_dir=bin_dir).stdout)
+    assert status["rotation"]["last_error"]["step"] == STEP
+    assert re.search(expected, status["rotation"]["last_error"]["message"])
+
+    # The EST server is fixed: the same rotation resumes and completes.
+    key_file, cert_file = active_identity(device)
+    fix()
+    server.forward_to(factory.est_url, factory.root_ca, (cert_file, key_file))
+    resumed = run_agent(device, "rotate", bin_dir=bin_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 1" in resumed.stderr
+    assert_rotated(factory, device, old, device_values={}, local_values=None)
+    return failed
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_est_reply(case, factory, faulty, tmp_path):
+    fault, expected = CASES[case]
+    faulty.answer = only_reenroll(faulty, fault)
+    name = re.sub(r"[^a-z0-9]+", "-", case.lower()).strip("-")
+    fail_then_resume(factory, faulty, tmp_path, name, expected)
+
+
+def test_est_server_certificate_naming_another_host(factory, tmp_path):
+    root = load_authority(factory.dir, "root")
+    device_ca = load_authority(factory.dir, "device-ca")
+    with FaultyEst(root, device_ca, tmp_path / "faulty-est", names=("est.elsewhere.example",)) as server:
+        fail_then_resume(factory, server, tmp_path, "wrong-host",
+                         r"EST simplereenroll: TLS handshake with 127\.0\.0\.1:\d+ failed: .*"
+                         r"(Hostname mismatch|IP address mismatch|doesn't match)",
+                         fix=lambda: server.use_names(("127.0.0.1",)))
+        assert server.requests[:1] and server.requests[0].operation == "simplereenroll"
+        assert len(server.tls_errors) >= 1

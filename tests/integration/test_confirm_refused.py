@@ -1,0 +1,70 @@
+"""The gateway refuses the new certificate: the device goes back to its old identity.
+
+Made real: the rotation stops (SIGKILL) right after finalize, then the key the
+gateway expects is changed behind the device's back (another next_pubkey is
+announced with the old identity), so GET /device with the new certificate
+gets 403 from the real gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agentdevice import (
+    OldIdentity, active_identity, assert_rotated, decrypt_map, event_lines, fake_systemctl,
+    load_key, run_agent, write_local_config,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_refused_certificate_reverts_then_resumes(backend, tmp_path):
+    device = backend.register("dev-r", tmp_path / "dev-r")
+    backend.cli("devices", "config", "set", "dev-r", "token=abc")
+    write_local_config(device, {"token": "abc"})
+    old = OldIdentity(device, tmp_path / "old")
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+
+    killed = run_agent(device, "rotate", "--rotation-id", "certs-7", bin_dir=bin_dir,
+                       env={"CERTROTATE_CRASH_AT": "journal:finalize"})
+    assert killed.returncode == -signal.SIGKILL
+    assert active_identity(device)[0].name == "pkey-certs-7.pem"
+    other = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    announced = backend.gateway(device, "PATCH", "/device", key=old.key, cert=old.cert,
+                                json={"next_pubkey": other})
+    assert announced.status_code == 200, announced.text
+
+    failed = run_agent(device, "check", bin_dir=bin_dir)
+    assert failed.returncode == 1, failed.stderr
+    assert "Confirm new certificate with gateway" in failed.stderr
+    assert "refused the new certificate" in failed.stderr
+    assert "what to do:" in failed.stderr
+    # Back on the old identity, which the gateway still accepts; local config readable by it.
+    key_file, cert_file = active_identity(device)
+    assert key_file == old.device_key_file and key_file.read_bytes() == old.key_pem
+    assert backend.gateway(device, "GET", "/device").status_code == 200
+    local = json.loads((device / "var/sota/config.encrypted").read_text())
+    assert decrypt_map(local, load_key(key_file)) == {"token": "abc"}
+    calls = (bin_dir / "systemctl.log").read_text()
+    assert calls.count("restart aktualizr-lite.service fioconfig.service") == 2  # new, then old again
+    # Resumable: the journal keeps the rotation with the error.
+    status = json.loads(run_agent(device, "status", "--json", bin_dir=bin_dir).stdout)
+    assert status["rotation"]["id"] == "certs-7"
+    assert status["rotation"]["last_error"]["step"] == "Confirm new certificate with gateway"
+    lines = event_lines(backend, "dev-r", "certs-7")
+    assert any("Confirm new certificate with gateway" in line and "Failed!" in line for line in lines)
+    assert any("CertRotationCompleted" in line and "Failed!" in line for line in lines)
+
+    # The next run announces the new key again and completes.
+    resumed = run_agent(device, "rotate", bin_dir=bin_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_rotated(backend, device, old, device_values={"token": "abc"}, local_values={"token": "abc"})
+    assert "CertRotationCompleted" in event_lines(backend, "dev-r", "certs-7")[-1]
+    assert "Succeed" in event_lines(backend, "dev-r", "certs-7")[-1]

@@ -1,0 +1,92 @@
+"""Power cut at every point where the agent persists state or talks to the network.
+
+One clean traced run enumerates the points (CERTROTATE_TRACE_POINTS). Then,
+for each of them (all, not a sample), a fresh device on the shared backend
+runs `certrotate rotate` in a child process that SIGKILLs itself exactly
+there (CERTROTATE_CRASH_AT), and `certrotate check` runs until it finishes.
+Each end state must be a good rotation: one active key, sota.toml naming it,
+the gateway accepting it and refusing the old one, config decrypting, no stray
+secret, and the events ending with CertRotationCompleted success.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+
+import pytest
+
+from agentdevice import OldIdentity, assert_rotated, event_lines, fake_systemctl, run_agent, write_local_config
+from backend import Backend
+
+CHECK_RUNS = 5
+DEVICE_VALUES = {"db-password": "hunter2"}
+LOCAL_VALUES = {"db-password": "hunter2", "wifi": "psk"}
+
+
+@pytest.fixture(scope="module")
+def shared_backend(tmp_path_factory):
+    server = Backend(tmp_path_factory.mktemp("crash") / "factory")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def new_device(backend, tmp_path, name):
+    device = backend.register(name, tmp_path / name)
+    backend.cli("devices", "config", "set", name, *(f"{k}={v}" for k, v in DEVICE_VALUES.items()))
+    write_local_config(device, LOCAL_VALUES)
+    return device, OldIdentity(device, tmp_path / f"{name}-old")
+
+
+def last_event(backend, name, rotation_id):
+    line = event_lines(backend, name, rotation_id)[-1]
+    return re.match(r".* : (.*)\(.*\) -> (Succeed|Failed!)", line).group(1, 2)
+
+
+@pytest.mark.timeout(1200)
+def test_every_crash_point_recovers(shared_backend, tmp_path):
+    backend = shared_backend
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+
+    device, old = new_device(backend, tmp_path, "traced")
+    trace = tmp_path / "points.txt"
+    clean = run_agent(device, "rotate", "--rotation-id", "certs-1", bin_dir=bin_dir,
+                      env={"CERTROTATE_TRACE_POINTS": str(trace)})
+    assert clean.returncode == 0, clean.stderr
+    assert_rotated(backend, device, old, device_values=DEVICE_VALUES, local_values=LOCAL_VALUES)
+    points = trace.read_text().split()
+    assert len(points) == len(set(points)), f"crash point names repeat: {points}"
+    for expected in ("journal:start", "est:simplereenroll:send", "est:simplereenroll:reply",
+                     "lock:patch-device:reply", "finalize:sota-0", "confirm:new:reply",
+                     "retire:old-key", "event:completed", "journal:completed", "events:send"):
+        assert expected in points
+
+    failures = []
+    for number, point in enumerate(points):
+        name = f"crash-{number}"
+        device, old = new_device(backend, tmp_path, name)
+        rotation_id = f"certs-{1000 + number}"
+        killed = run_agent(device, "rotate", "--rotation-id", rotation_id, bin_dir=bin_dir,
+                           env={"CERTROTATE_CRASH_AT": point})
+        if killed.returncode != -signal.SIGKILL:
+            failures.append(f"{point}: rotate was not killed there (exit {killed.returncode})")
+            continue
+        for _ in range(CHECK_RUNS):
+            check = run_agent(device, "check", bin_dir=bin_dir)
+            if check.returncode == 0:
+                break
+        else:
+            failures.append(f"{point}: check did not finish in {CHECK_RUNS} runs: {check.stderr}")
+            continue
+        try:
+            assert_rotated(backend, device, old, device_values=DEVICE_VALUES, local_values=LOCAL_VALUES)
+            assert last_event(backend, name, rotation_id) == ("CertRotationCompleted", "Succeed")
+        except AssertionError as err:
+            failures.append(f"{point}: {err}")
+    print(f"\ncrash points: {' '.join(points)}")
+    print(f"crash points covered: {len(points)} ({len(points) - len(failures)} recovered)")
+    assert not failures, "\n".join(failures)

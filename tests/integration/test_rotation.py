@@ -1,0 +1,88 @@
+"""A full rotation by the real agent against the real backend, over TLS on loopback."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from agentdevice import (
+    OldIdentity, active_identity, assert_rotated, event_lines, fake_systemctl, run_agent,
+    write_local_config,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+STEP_EVENTS = [
+    "CertRotationStarted",
+    "Generate new certificate",
+    "Lock device configuration on server",
+    "Update local configuration with new key",
+    "Update device specific configuration on server with new key",
+    "Finalize aktualizr configuration",
+    "Restart services",
+    "Confirm new certificate with gateway",
+    "Remove old key and certificate",
+    "CertRotationCompleted",
+]
+
+
+def test_full_rotation(backend, tmp_path):
+    device = backend.register("dev-1", tmp_path / "dev-1")
+    backend.cli("devices", "config", "set", "dev-1", "wifi-psk=s3cret", "api-token=t0ken")
+    local = {"wifi-psk": "s3cret", "local-only": "x"}
+    write_local_config(device, local)
+    old = OldIdentity(device, tmp_path / "old")
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir, active=("aktualizr-lite.service",))
+
+    result = run_agent(device, "rotate", "--rotation-id", "certs-1700000000", bin_dir=bin_dir)
+    assert result.returncode == 0, result.stderr
+
+    assert_rotated(backend, device, old, device_values={"wifi-psk": "s3cret", "api-token": "t0ken"},
+                   local_values=local)
+    key_file, cert_file = active_identity(device)
+    assert key_file.name == "pkey-certs-1700000000.pem"
+    assert cert_file.name == "client-certs-1700000000.pem"
+    # Only the active unit was restarted.
+    calls = (bin_dir / "systemctl.log").read_text().splitlines()
+    assert "restart aktualizr-lite.service" in calls
+    assert not any(c.startswith("restart") and "fioconfig" in c for c in calls)
+    # Every step's event reached the server, in order, all successful.
+    lines = event_lines(backend, "dev-1", "certs-1700000000")
+    names = [re.match(r".* : (.*)\(.*\) -> (Succeed|Failed!)", line).group(1, 2) for line in lines]
+    assert names == [(name, "Succeed") for name in STEP_EVENTS]
+    # sota.toml kept every other byte.
+    assert "tls_cacert_path = \"/var/sota/root.crt\"" in (device / "var/sota/sota.toml").read_text()
+    # One line per step on stderr, no key material.
+    assert "PRIVATE KEY" not in result.stderr
+    assert len(re.findall(r"step \d/8", result.stderr)) == 9
+
+    # The same rotation id again is a no-op; check with nothing due is quiet.
+    again = run_agent(device, "rotate", "--rotation-id", "certs-1700000000", bin_dir=bin_dir)
+    assert again.returncode == 0 and "already completed" in again.stderr
+    check = run_agent(device, "check", bin_dir=bin_dir)
+    assert (check.returncode, check.stderr) == (0, "")
+    status = json.loads(run_agent(device, "status", "--json", bin_dir=bin_dir).stdout)
+    assert status["rotation"] is None
+    assert status["last_completed"]["rotation_id"] == "certs-1700000000"
+    assert status["certificate"]["file"] == "/var/sota/client-certs-1700000000.pem"
+
+
+def test_handler_runs_the_rotation_fioconfig_asks_for(backend, tmp_path):
+    device = backend.register("dev-2", tmp_path / "dev-2")
+    old = OldIdentity(device, tmp_path / "old")
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+    config_file = tmp_path / "fio-rotate-certs"
+    config_file.write_text(f"ESTSERVER={backend.est_url}\nPKEYIDS=01,07\nCERTIDS=03,09\nROTATIONID=certs-42\n")
+
+    result = run_agent(device, "handler", bin_dir=bin_dir, env={"CONFIG_FILE": str(config_file)})
+    assert result.returncode == 0, result.stderr
+    assert_rotated(backend, device, old, device_values={}, local_values=None)
+    # fioconfig runs the handler again on the same file: nothing happens.
+    key_before = active_identity(device)
+    again = run_agent(device, "handler", bin_dir=bin_dir, env={"CONFIG_FILE": str(config_file)})
+    assert again.returncode == 0, again.stderr
+    assert active_identity(device) == key_before

@@ -1,0 +1,37 @@
+"""A state file written by each agent version resumes with this one (OTA mid-rotation).
+
+The device is brought to the point the fixture describes (a real rotation
+stopped by SIGKILL after step 4), the fixture replaces the journal, and
+`certrotate check` must finish the rotation.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from agentdevice import OldIdentity, assert_rotated, fake_systemctl, run_agent
+
+FIXTURES = Path(__file__).parent.parent / "agent" / "fixtures"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.glob("state-v*.json")))
+def test_state_format_resumes(backend, tmp_path, fixture):
+    device = backend.register("dev-ota", tmp_path / "dev")
+    backend.cli("devices", "config", "set", "dev-ota", "k=v")
+    old = OldIdentity(device, tmp_path / "old")
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+    killed = run_agent(device, "rotate", "--rotation-id", "certs-1700000000", bin_dir=bin_dir,
+                       env={"CERTROTATE_CRASH_AT": "journal:server_config"})
+    assert killed.returncode == -signal.SIGKILL
+    state = device / "var/sota/certrotate/state.json"
+    state.write_bytes((FIXTURES / fixture).read_bytes())
+
+    result = run_agent(device, "check", bin_dir=bin_dir)
+    assert result.returncode == 0, result.stderr
+    assert "resuming at step 5" in result.stderr
+    assert_rotated(backend, device, old, device_values={"k": "v"}, local_values=None)

@@ -1,0 +1,140 @@
+"""Fixtures for the QEMU end-to-end suite and its timing summary.
+
+The session builds (or takes from the cache) the root filesystem, lays the
+layer's payload and the stand-ins on it once, and each device gets its own
+disk from that base plus its provisioned identity. Every stage's duration is
+recorded and printed at the end of the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent
+for path in (HERE, TESTS):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import qemu_image as image  # noqa: E402
+import qemu_timing as timing  # noqa: E402
+from qemu_guest import TEST_DIR, Guest, guest_urls  # noqa: E402
+from qemu_timing import record_stage, stage  # noqa: E402
+from qemu_vm import OVMF_CODE, OVMF_VARS, VM  # noqa: E402
+
+# The image has no fioconfig, so the layer's handler takes the name that
+# fioctl's rotate-certs config asks for (meta-certrotate/README.md).
+PAYLOAD_OVERRIDES = {"CERTROTATE_FIOCONFIG_HANDLER": "renew-client-cert"}
+
+REQUIRED_COMMANDS = ("qemu-system-x86_64", "mmdebstrap", "zstd", "mkfs.ext4", "e2fsck", "debugfs",
+                     "mkfs.vfat", "mcopy", "sfdisk", "ssh", "ssh-keygen", "chroot")
+
+def pytest_terminal_summary(terminalreporter):
+    if not timing.stages:
+        return
+    terminalreporter.section("QEMU stage timings")
+    for name, seconds in timing.stages:
+        terminalreporter.write_line(f"{seconds:8.1f} s  {name}")
+    terminalreporter.write_line(f"{sum(s for _, s in timing.stages):8.1f} s  total of the stages above")
+
+
+def _missing_prerequisites() -> list[str]:
+    missing = [f"command {c}" for c in REQUIRED_COMMANDS if shutil.which(c) is None]
+    missing += [f"file {f}" for f in (OVMF_CODE, OVMF_VARS) if not f.exists()]
+    if os.geteuid() != 0:
+        missing.append("root (mmdebstrap --mode=root, chroot, file ownership in the image)")
+    return missing
+
+
+@pytest.fixture(scope="session")
+def qemu_prerequisites():
+    missing = _missing_prerequisites()
+    if missing:
+        pytest.skip("QEMU suite needs " + ", ".join(missing) + " (ci/setup test installs them; run as root)")
+
+
+@pytest.fixture(scope="session")
+def qemu_workdir(tmp_path_factory, qemu_prerequisites) -> Path:
+    return tmp_path_factory.mktemp("qemu")
+
+
+@pytest.fixture(scope="session")
+def ssh_key(qemu_workdir) -> Path:
+    key = qemu_workdir / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "certrotate-qemu-test",
+                    "-f", str(key)], check=True)
+    return key
+
+
+@pytest.fixture(scope="session")
+def recipe_payload():
+    """tests/recipe_install.py: the layer's install step run outside BitBake."""
+    try:
+        import recipe_install
+    except ImportError as err:
+        pytest.skip(f"tests/recipe_install.py is not available ({err}); the image needs the layer's payload")
+    return recipe_install
+
+
+@pytest.fixture(scope="session")
+def base_tree(qemu_workdir, ssh_key, recipe_payload) -> Path:
+    """The unpacked root filesystem with the layer's payload, stand-ins and ssh key."""
+    started = time.monotonic()
+    tarball, built = image.rootfs_tarball()
+    record_stage(f"root filesystem {'built' if built else 'taken from cache'} ({tarball.name})",
+                 time.monotonic() - started)
+    with stage("base tree: unpack, layer payload, stand-ins"):
+        base = image.prepare_base_tree(
+            tarball, qemu_workdir / "base", ssh_key.with_suffix(".pub").read_text(),
+            lambda destdir: recipe_payload.install_payload(destdir, overrides=PAYLOAD_OVERRIDES))
+        (base / TEST_DIR.lstrip("/")).mkdir(parents=True)
+        return base
+
+
+@pytest.fixture(scope="session")
+def backend_class():
+    try:
+        from backend import Backend
+    except ImportError as err:
+        pytest.skip(f"tests/backend.py is not available ({err})")
+    return Backend
+
+
+@pytest.fixture(scope="session")
+def make_guest(base_tree, ssh_key, qemu_workdir):
+    """Factory: register a device with ``backend`` for the guest's view of the
+    host (10.0.2.2) and build its disk. Booting is the caller's."""
+    guests: list[Guest] = []
+
+    def make(name: str, backend, prepare_device=None) -> Guest:
+        """``prepare_device(device_tree)`` may add files before the disk is built."""
+        workdir = qemu_workdir / name
+        workdir.mkdir()
+        device_tree = backend.register(name, workdir / "device", *guest_urls(backend))
+        if prepare_device:
+            prepare_device(device_tree)
+        with stage(f"{name}: disk image"):
+            disk = image.device_disk(base_tree, device_tree, workdir / "disk.raw")
+        guest = Guest(name, VM(disk, workdir / "vm", ssh_key), device_tree, backend)
+        guests.append(guest)
+        return guest
+
+    yield make
+    for guest in guests:
+        guest.vm.power_cut()
+
+
+@pytest.fixture(scope="module")
+def module_backend(backend_class, tmp_path_factory, qemu_prerequisites):
+    """A backend shared by one test module's guest (booting is too slow to do per test)."""
+    server = backend_class(tmp_path_factory.mktemp("factory") / "factory")
+    server.start()
+    yield server
+    server.stop()

@@ -1,0 +1,97 @@
+"""Assertions shared by the QEMU tests: what a completed rotation must leave behind."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from certrotate import ecies
+from qemu_guest import Guest, Identity
+
+# docs/contracts.md, "Rotation steps and event names", in order.
+EVENT_NAMES = [
+    "CertRotationStarted",
+    "Generate new certificate",
+    "Lock device configuration on server",
+    "Update local configuration with new key",
+    "Update device specific configuration on server with new key",
+    "Finalize aktualizr configuration",
+    "Restart services",
+    "Confirm new certificate with gateway",
+    "Remove old key and certificate",
+    "CertRotationCompleted",
+]
+SECRET_NAME, SECRET_VALUE = "wifi-psk", "correct horse battery staple"
+
+
+def seed_device_config(backend, name: str, device_tree: Path) -> None:
+    """Give the device an encrypted config file, on the server and locally as
+    fioconfig keeps it (config.encrypted), so the config steps have work to do."""
+    backend.cli("devices", "config", "set", name, f"{SECRET_NAME}={SECRET_VALUE}")
+    reply = backend.gateway(device_tree, "GET", "/config")
+    reply.raise_for_status()
+    local = device_tree / "var/sota/config.encrypted"
+    local.write_text(json.dumps(reply.json()))
+    local.chmod(0o600)
+
+
+def gateway_accepts(backend, key: Path, cert: Path) -> bool:
+    """Whether the gateway serves GET /device to this identity (a refused
+    handshake or an error status both count as refusal)."""
+    try:
+        return backend.gateway(None, "GET", "/device", key=key, cert=cert).ok
+    except requests.exceptions.ConnectionError:
+        return False
+
+
+def rotation_id_from(output: str) -> str:
+    found = re.search(r"rotation id (certs-\d+)", output)
+    assert found, f"no rotation id in: {output}"
+    return found.group(1)
+
+
+def assert_rotated(guest: Guest, rotation_id: str, old: Identity, workdir: Path,
+                   repeats_allowed: bool = False) -> Identity:
+    """The rotation completed for real: new files named by sota.toml, online
+    with them, the old ones refused and removed, every step reported Succeed,
+    the encrypted config readable with the new key. ``repeats_allowed``: after
+    a power cut a step may run (and report) twice."""
+    new = guest.identity(workdir)
+    assert (new.key_path, new.cert_path) == (f"/var/sota/pkey-{rotation_id}.pem",
+                                             f"/var/sota/client-{rotation_id}.pem")
+    status = guest.status()
+    assert status["rotation"] is None, status
+    assert status["last_completed"]["rotation_id"] == rotation_id and status["last_completed"]["success"], status
+    assert status["queued_events"] == 0, status
+
+    key_mode = guest.ssh(f"stat -c %a {new.key_path}").stdout.strip()
+    assert key_mode == "600", f"new key {new.key_path} has mode {key_mode}"
+    left = guest.ssh(f"ls {old.key_path} {old.cert_path}", check=False)
+    assert left.returncode != 0 and not left.stdout.strip(), f"old key or cert still there: {left.stdout}"
+
+    key = load_pem_private_key(new.key.read_bytes(), None)
+    cert = x509.load_pem_x509_certificate(new.cert.read_bytes())
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers(), "key and cert do not match"
+    assert cert.subject == x509.load_pem_x509_certificate(old.cert.read_bytes()).subject
+
+    assert gateway_accepts(guest.backend, new.key, new.cert), "gateway refuses the new certificate"
+    assert not gateway_accepts(guest.backend, old.key, old.cert), "gateway still accepts the old certificate"
+
+    lines = guest.backend.cli("devices", "updates", guest.name, rotation_id).stdout.splitlines()
+    event_lines = [line for line in lines if " : " in line]
+    reported = [line.split(" : ", 1)[1].rsplit("(", 1)[0] for line in event_lines]
+    if repeats_allowed:
+        reported = list(dict.fromkeys(reported))
+    assert reported == EVENT_NAMES, "\n".join(lines)
+    assert all(line.endswith("-> Succeed") for line in event_lines), "\n".join(lines)
+
+    local = json.loads(guest.vm.read("/var/sota/config.encrypted"))
+    plaintext = ecies.decrypt(key, base64.b64decode(local[SECRET_NAME]["Value"]))
+    assert plaintext.decode() == SECRET_VALUE
+    return new

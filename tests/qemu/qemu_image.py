@@ -1,0 +1,224 @@
+"""The QEMU test image: a cached Debian root filesystem and per-run GPT disks.
+
+The root filesystem (ci/qemu/build-rootfs) is cached as a .tar.zst keyed by a
+hash of its inputs. Each test VM gets its own disk laid out like an LmP wic:
+a GPT with an EFI system partition (systemd-boot, kernel, initrd) and an ext4
+root, assembled from files without loop mounts (sfdisk, mkfs.vfat + mcopy,
+mkfs.ext4 -d at an offset).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_ROOTFS = REPO / "ci" / "qemu" / "build-rootfs"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+MIB = 1024 * 1024
+ESP_OFFSET = 1 * MIB
+ESP_SIZE = 64 * MIB
+ROOT_OFFSET = ESP_OFFSET + ESP_SIZE
+ROOT_SIZE = 1536 * MIB
+ROOT_LABEL = "certrotate-root"
+# GPT partition type GUIDs: EFI system partition, Linux root (x86-64).
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ROOT_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
+KERNEL_CMDLINE = f"root=LABEL={ROOT_LABEL} rw console=ttyS0 quiet"
+
+
+def cache_dir() -> Path:
+    """Where built root filesystems are kept between runs."""
+    configured = os.environ.get("CERTROTATE_QEMU_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "certrotate" / "qemu"
+
+
+def rootfs_key(mirror: str = DEFAULT_MIRROR) -> str:
+    """Hash of everything the root filesystem is built from."""
+    digest = hashlib.sha256()
+    digest.update(BUILD_ROOTFS.read_bytes())
+    digest.update(b"\0bookworm\0" + mirror.encode())
+    return digest.hexdigest()[:16]
+
+
+def rootfs_tarball(mirror: str = DEFAULT_MIRROR) -> tuple[Path, bool]:
+    """The cached root filesystem tarball, built first if missing.
+
+    Returns (path, built): built is False when the cache already had it.
+    """
+    tarball = cache_dir() / f"rootfs-{rootfs_key(mirror)}.tar.zst"
+    if tarball.exists():
+        return tarball, False
+    tarball.parent.mkdir(parents=True, exist_ok=True)
+    partial = tarball.with_name(tarball.name + ".partial.tar.zst")
+    partial.unlink(missing_ok=True)
+    result = subprocess.run([str(BUILD_ROOTFS), str(partial), mirror],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"building the QEMU root filesystem failed "
+                           f"({BUILD_ROOTFS} exit {result.returncode}):\n{result.stderr[-4000:]}")
+    partial.rename(tarball)
+    return tarball, True
+
+
+def unpack(tarball: Path, dest: Path) -> Path:
+    """Unpack a root filesystem tarball with owners and modes kept."""
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-C", str(dest), "--zstd", "--numeric-owner", "-xpf", str(tarball)],
+                   check=True)
+    return dest
+
+
+def clone_tree(base: Path, dest: Path) -> Path:
+    """A copy of ``base`` sharing file data by hard links.
+
+    Writers must replace files (``place_file``), never modify them in place,
+    so the base stays untouched.
+    """
+    subprocess.run(["cp", "-al", str(base), str(dest)], check=True)
+    return dest
+
+
+def place_file(tree: Path, guest_path: str, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> None:
+    """Write ``data`` at ``guest_path`` inside ``tree``, replacing any hard link."""
+    target = tree / guest_path.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)
+        os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
+
+
+def copy_into(tree: Path, source_root: Path) -> None:
+    """Copy every entry under ``source_root`` into ``tree`` at the same path,
+    owned by root with the source's modes, replacing files rather than writing
+    through hard links."""
+    for source in sorted(source_root.rglob("*")):
+        relative = source.relative_to(source_root)
+        target = tree / relative
+        info = source.lstat()
+        if source.is_dir() and not source.is_symlink():
+            # Directories the image already has (/etc, /var) keep their modes.
+            if not target.is_dir():
+                target.mkdir(parents=True)
+                os.chmod(target, info.st_mode & 0o7777)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink() or target.exists():
+            target.unlink()
+        if source.is_symlink():
+            os.symlink(os.readlink(source), target)
+        else:
+            shutil.copy2(source, target)
+            os.chown(target, 0, 0)
+
+
+def kernel_and_initrd(tree: Path) -> tuple[Path, Path]:
+    """The kernel and initrd the root filesystem carries in /boot."""
+    kernels = sorted((tree / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise RuntimeError(f"expected one kernel in {tree}/boot, found {[k.name for k in kernels]}")
+    version = kernels[0].name.removeprefix("vmlinuz-")
+    return kernels[0], tree / "boot" / f"initrd.img-{version}"
+
+
+def _esp_image(tree: Path, workdir: Path) -> Path:
+    """A FAT EFI system partition: systemd-boot as the removable-media loader,
+    one boot entry, kernel and initrd."""
+    kernel, initrd = kernel_and_initrd(tree)
+    loader = tree / "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+    staging = workdir / "esp"
+    (staging / "EFI/BOOT").mkdir(parents=True)
+    (staging / "loader/entries").mkdir(parents=True)
+    shutil.copyfile(loader, staging / "EFI/BOOT/BOOTX64.EFI")
+    shutil.copyfile(kernel, staging / "vmlinuz")
+    shutil.copyfile(initrd, staging / "initrd.img")
+    (staging / "loader/loader.conf").write_text("default certrotate.conf\ntimeout 0\n")
+    (staging / "loader/entries/certrotate.conf").write_text(
+        "title certrotate test image\nlinux /vmlinuz\ninitrd /initrd.img\n"
+        f"options {KERNEL_CMDLINE}\n")
+    esp = workdir / "esp.img"
+    subprocess.run(["mkfs.vfat", "-F", "32", "-n", "ESP", "-C", str(esp), str(ESP_SIZE // 1024)],
+                   check=True, capture_output=True)
+    entries = [str(p) for p in sorted(staging.iterdir())]
+    subprocess.run(["mcopy", "-s", "-i", str(esp), *entries, "::/"], check=True,
+                   env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+    shutil.rmtree(staging)
+    return esp
+
+
+def assemble_disk(tree: Path, disk: Path) -> Path:
+    """Write a GPT disk image at ``disk``: ESP then an ext4 root made from ``tree``."""
+    workdir = disk.parent / (disk.name + ".parts")
+    workdir.mkdir()
+    try:
+        esp = _esp_image(tree, workdir)
+        with open(disk, "wb") as out:
+            out.truncate(ROOT_OFFSET + ROOT_SIZE + MIB)  # room for the backup GPT
+        layout = (
+            "label: gpt\n"
+            f"start={ESP_OFFSET // 512}, size={ESP_SIZE // 512}, type={ESP_TYPE}, name=esp\n"
+            f"start={ROOT_OFFSET // 512}, size={ROOT_SIZE // 512}, type={ROOT_TYPE}, name=root\n"
+        )
+        subprocess.run(["sfdisk", "--quiet", str(disk)], input=layout, text=True, check=True)
+        subprocess.run(["dd", f"if={esp}", f"of={disk}", "bs=1M", f"seek={ESP_OFFSET // MIB}",
+                        "conv=notrunc,sparse", "status=none"], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-d", str(tree),
+                        "-E", f"offset={ROOT_OFFSET}", str(disk), f"{ROOT_SIZE // 1024}k"],
+                       check=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return disk
+
+
+def root_fs_spec(disk: Path) -> str:
+    """The root filesystem inside ``disk`` as e2fsprogs tools address it."""
+    return f"{disk}?offset={ROOT_OFFSET}"
+
+
+def fsck(disk: Path) -> subprocess.CompletedProcess:
+    """Check the root filesystem read-only (the VM must be stopped)."""
+    return subprocess.run(["e2fsck", "-fn", root_fs_spec(disk)], capture_output=True, text=True)
+
+
+STANDINS = REPO / "ci" / "qemu" / "standins"
+STANDIN_UNITS = ("aktualizr-lite.service", "fioconfig.service")
+# What Yocto's systemd class enables at rootfs time (SYSTEMD_SERVICE), plus the stand-ins.
+ENABLED_UNITS = ("certrotate.timer", *STANDIN_UNITS)
+
+
+def prepare_base_tree(tarball: Path, dest: Path, ssh_public_key: str, install_payload) -> Path:
+    """The root filesystem every test disk starts from: the cached rootfs,
+    the layer's payload (installed by ``install_payload(destdir)``, the
+    recipe's own install step), the aktualizr-lite and fioconfig stand-ins,
+    and root's ssh key."""
+    unpack(tarball, dest)
+    install_payload(dest)
+    place_file(dest, "/usr/local/bin/sota-client-standin",
+               (STANDINS / "sota-client-standin").read_bytes(), 0o755)
+    for unit in STANDIN_UNITS:
+        place_file(dest, f"/etc/systemd/system/{unit}", (STANDINS / unit).read_bytes(), 0o644)
+    subprocess.run(["chroot", str(dest), "systemctl", "enable", "--quiet", *ENABLED_UNITS],
+                   check=True, capture_output=True)
+    (dest / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
+    place_file(dest, "/root/.ssh/authorized_keys", ssh_public_key.encode(), 0o600)
+    return dest
+
+
+def device_disk(base: Path, device_tree: Path, disk: Path) -> Path:
+    """A disk for one device: ``base`` plus the provisioned device files."""
+    tree = clone_tree(base, disk.parent / (disk.name + ".tree"))
+    try:
+        copy_into(tree, device_tree)
+        return assemble_disk(tree, disk)
+    finally:
+        shutil.rmtree(tree)

@@ -1,0 +1,169 @@
+"""One QEMU guest booted from a GPT disk through OVMF, reached over ssh.
+
+Software emulation only (``-accel tcg``): the CI machines have no VT-x, and
+``-accel kvm`` hangs there. The disk sits on virtio-scsi as in LmP's own QEMU
+instructions; user networking forwards a free host port to the guest's sshd,
+and the guest reaches the host's loopback as 10.0.2.2.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+HOST_FROM_GUEST = "10.0.2.2"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class GuestCommandError(AssertionError):
+    pass
+
+
+class VM:
+    """A guest on ``disk``; ``workdir`` keeps its firmware variables, console log and ssh files."""
+
+    def __init__(self, disk: Path, workdir: Path, ssh_key: Path, user: str = "root"):
+        self.disk = disk
+        self.workdir = workdir
+        self.ssh_key = ssh_key
+        self.user = user
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.vars = workdir / "OVMF_VARS.fd"
+        if not self.vars.exists():
+            shutil.copyfile(OVMF_VARS, self.vars)
+        self.ssh_config = workdir / "ssh_config"
+        self.host_alias = "guest"
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        self.boots = 0
+
+    # -- power ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Power on (QEMU starts; use wait_ssh to wait for the guest)."""
+        assert self.process is None, "already running"
+        self.port = free_port()
+        self._write_ssh_config()
+        self.boots += 1
+        command = [
+            "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-smp", "2", "-m", "1024",
+            "-no-reboot", "-display", "none", "-monitor", "none",
+            "-serial", f"file:{self.console_log}",
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={self.vars}",
+            "-drive", f"file={self.disk},format=raw,if=none,id=hd,cache=writeback",
+            "-device", "virtio-scsi-pci,id=scsi", "-device", "scsi-hd,drive=hd",
+            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
+            "-device", "virtio-net-pci,netdev=net0",
+        ]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                        stdout=open(self.workdir / "qemu.log", "ab"),
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ssh(self, timeout: float = 180) -> float:
+        """Wait until a real ssh command succeeds (user networking accepts
+        TCP long before sshd runs); returns the seconds waited."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"QEMU exited ({self.process.returncode}) during boot; "
+                                   f"console: {self.console_tail()}")
+            probe = subprocess.run(self._ssh_args("-o", "ConnectTimeout=5", "true"),
+                                   capture_output=True, timeout=30)
+            if probe.returncode == 0:
+                return time.monotonic() - started
+            time.sleep(1)
+        raise TimeoutError(f"no ssh to the guest after {timeout} s; console: {self.console_tail()}")
+
+    def power_cut(self) -> None:
+        """SIGKILL QEMU: the guest loses its page cache, the disk keeps what QEMU wrote."""
+        self._stop_ssh_master()
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+            self.process = None
+
+    def shutdown(self, timeout: float = 120) -> None:
+        """Clean poweroff; QEMU exits (-no-reboot). Falls back to a power cut on timeout."""
+        if self.process is None:
+            return
+        subprocess.run(self._ssh_args("systemctl poweroff"), capture_output=True, timeout=60)
+        self._stop_ssh_master()
+        try:
+            self.process.wait(timeout=timeout)
+            self.process = None
+        except subprocess.TimeoutExpired:
+            self.power_cut()
+            raise TimeoutError(f"guest did not power off within {timeout} s")
+
+    # -- commands ------------------------------------------------------------
+
+    def ssh(self, command: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run a shell command in the guest."""
+        result = subprocess.run(self._ssh_args(command), capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise GuestCommandError(f"guest command failed ({result.returncode}): {command}\n"
+                                    f"stdout: {result.stdout[-3000:]}\nstderr: {result.stderr[-3000:]}")
+        return result
+
+    def read(self, path: str) -> str:
+        return self.ssh(f"cat {shlex.quote(path)}").stdout
+
+    def wait_for(self, command: str, timeout: float, interval: float = 1.0) -> subprocess.CompletedProcess:
+        """Re-run ``command`` in the guest until it succeeds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.ssh(command, check=False)
+            if result.returncode == 0:
+                return result
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"guest: `{command}` did not succeed within {timeout} s: "
+                                   f"{result.stdout[-1000:]} {result.stderr[-1000:]}")
+            time.sleep(interval)
+
+    def testinfra_host(self):
+        import testinfra
+
+        return testinfra.get_host(f"ssh://{self.host_alias}", ssh_config=str(self.ssh_config))
+
+    @property
+    def console_log(self) -> Path:
+        """The serial console of the current (or last) boot."""
+        return self.workdir / f"console-{self.boots}.log"
+
+    def console_tail(self, lines: int = 30) -> str:
+        if not self.console_log.exists():
+            return "(no console output)"
+        return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-lines:])
+
+    # -- ssh plumbing --------------------------------------------------------
+
+    def _write_ssh_config(self) -> None:
+        # testinfra shares one connection only with a ControlPath set here.
+        self.ssh_config.write_text(
+            f"Host {self.host_alias}\n"
+            f"  HostName 127.0.0.1\n  Port {self.port}\n  User {self.user}\n"
+            f"  IdentityFile {self.ssh_key}\n  IdentitiesOnly yes\n  BatchMode yes\n"
+            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+            f"  ControlMaster auto\n  ControlPath {self.workdir}/ssh-%C\n  ControlPersist 120\n"
+            "  ServerAliveInterval 10\n")
+
+    def _ssh_args(self, *args: str) -> list[str]:
+        return ["ssh", "-F", str(self.ssh_config), self.host_alias, *args]
+
+    def _stop_ssh_master(self) -> None:
+        subprocess.run(["ssh", "-F", str(self.ssh_config), "-O", "exit", self.host_alias],
+                       capture_output=True, timeout=30)

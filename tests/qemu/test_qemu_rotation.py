@@ -1,0 +1,109 @@
+"""A device booted from the test image rotates its identity for real under systemd.
+
+One guest serves the whole module (a boot costs about half a minute under
+emulation); the tests run in file order: first the idle checks, then an
+operator's rotation, then one made due by the renewal policy.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import qemu_image as image
+from qemu_checks import assert_rotated, gateway_accepts, rotation_id_from, seed_device_config
+from qemu_guest import guest_est_url
+from qemu_timing import stage
+
+pytestmark = pytest.mark.timeout(900)
+
+CERTROTATE_TOML = "/etc/certrotate/certrotate.toml"
+HANDLER = "/usr/share/fioconfig/handlers/renew-client-cert"
+
+
+@pytest.fixture(scope="module")
+def device(make_guest, module_backend):
+    guest = make_guest("dev-main", module_backend,
+                       lambda tree: seed_device_config(module_backend, "dev-main", tree))
+    guest.boot("first boot")
+    yield guest
+    guest.shutdown()
+    result = image.fsck(guest.vm.disk)
+    assert result.returncode == 0, f"root filesystem not clean after shutdown:\n{result.stdout}{result.stderr}"
+
+
+def test_units_installed_and_enabled(device):
+    host = device.vm.testinfra_host()
+    assert host.file("/usr/bin/certrotate").mode == 0o755
+    assert host.file(HANDLER).mode == 0o755
+    assert host.file(CERTROTATE_TOML).exists
+    assert host.service("certrotate.timer").is_enabled
+    assert host.service("certrotate.timer").is_running
+    assert host.run("systemctl is-enabled certrotate.service").stdout.strip() == "static"
+    next_run = host.run("systemctl show certrotate.timer -P NextElapseUSecRealtime").stdout.strip()
+    assert next_run and next_run != "n/a", f"certrotate.timer not scheduled: {next_run!r}"
+    for standin in ("aktualizr-lite.service", "fioconfig.service"):
+        assert host.service(standin).is_enabled and host.service(standin).is_running
+    device.wait_standin_ok("/var/sota/client.pem")
+
+
+def test_check_does_nothing_when_not_due(device):
+    before = device.ssh("sha256sum /var/sota/sota.toml /var/sota/pkey.pem /var/sota/client.pem").stdout
+    result = device.run_certrotate_service()
+    assert result.returncode == 0, device.journal()
+    assert device.ssh("systemctl show certrotate.service -P Result").stdout.strip() == "success"
+    assert device.ssh("sha256sum /var/sota/sota.toml /var/sota/pkey.pem /var/sota/client.pem").stdout == before
+    status = device.status()
+    assert status["rotation"] is None and status["last_completed"] is None, status
+    updates = device.backend.cli("devices", "updates", device.name).stdout
+    assert "certs-" not in updates, updates
+
+
+def test_operator_rotation(device, tmp_path):
+    old = device.identity(tmp_path / "old")
+    assert gateway_accepts(device.backend, old.key, old.cert)
+    sent = device.backend.cli("devices", "config", "rotate-certs", device.name, "--reason", "QEMU test",
+                              "--est-server", guest_est_url(device.backend)).stdout
+    rotation_id = rotation_id_from(sent)
+    since = device.guest_time()
+    with stage(f"{device.name}: operator rotation (fioconfig handler)"):
+        result = device.deliver_config()
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{device.journal('fioconfig-apply.service')}"
+    new = assert_rotated(device, rotation_id, old, tmp_path / "new")
+    device.wait_standin_ok(new.cert_path, since=since)
+    device.wait_standin_ok(new.cert_path, since=since, name="fioconfig")
+
+    # fioconfig delivers the same file again on its next poll: nothing happens.
+    again = device.deliver_config()
+    assert again.returncode == 0, f"{again.stdout}{again.stderr}"
+    assert device.identity_paths() == (new.key_path, new.cert_path)
+
+
+def test_rotation_due_by_policy(device, tmp_path):
+    old = device.identity(tmp_path / "old")
+    config = device.vm.read(CERTROTATE_TOML)
+    assert "[renewal]" not in config, config
+    # Due as soon as any of the certificate's lifetime has passed.
+    device.ssh(f"cp {CERTROTATE_TOML} /root/certrotate.toml.orig && "
+               f"printf '\\n[renewal]\\nlifetime_fraction = 0.000001\\n' >> {CERTROTATE_TOML}")
+    try:
+        since = device.guest_time()
+        with stage(f"{device.name}: rotation due by policy (certrotate.service)"):
+            result = device.run_certrotate_service()
+        assert result.returncode == 0, device.journal()
+        rotation_id = device.status()["last_completed"]["rotation_id"]
+        new = assert_rotated(device, rotation_id, old, tmp_path / "new")
+        device.wait_standin_ok(new.cert_path, since=since)
+    finally:
+        device.ssh(f"mv /root/certrotate.toml.orig {CERTROTATE_TOML}")
+    # With the policy back to its default the new certificate is not due.
+    assert device.run_certrotate_service().returncode == 0
+    assert device.identity_paths() == (new.key_path, new.cert_path)
+
+
+def test_ptest_passes_on_the_guest(device):
+    with stage(f"{device.name}: ptest"):
+        result = device.ssh("/usr/lib/certrotate/ptest/run-ptest", check=False, timeout=600)
+    summary = [line for line in result.stdout.splitlines() if line.split(":", 1)[0] in ("PASS", "FAIL", "SKIP")]
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    assert summary and not any(line.startswith("FAIL:") for line in summary), "\n".join(summary)
+    assert any(line.startswith("PASS:") for line in summary)

@@ -1,0 +1,87 @@
+"""Measure EST re-enrollments per second, a new TLS connection per request.
+
+    .venv/bin/python tests/server/measure_reenroll.py [--seconds 10] [--clients 4]
+
+Starts a real server (tests/backend.py) in a temp dir, registers one device,
+then client processes POST simplereenroll in a loop, each request on a fresh
+TLS connection authenticated by the device certificate. Prints the figures;
+asserts nothing (speed targets are measured, not tested).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import multiprocessing
+import ssl
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from backend import Backend, device_identity  # noqa: E402
+from srvhelpers import est_body, load_cert, new_key, renewal_csr  # noqa: E402
+
+
+def client(url: str, root_ca: str, key: str, cert: str, body: bytes, deadline: float, out) -> None:
+    ctx = ssl.create_default_context(cafile=root_ca)
+    ctx.load_cert_chain(cert, key)
+    parts = urlsplit(url)
+    done = failed = 0
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, context=ctx, timeout=30)
+        try:
+            conn.request("POST", parts.path + "/simplereenroll", body, {"Content-Type": "application/pkcs10"})
+            reply = conn.getresponse()
+            reply.read()
+            if reply.status == 200:
+                done += 1
+            else:
+                failed += 1
+        except OSError:
+            failed += 1
+        finally:
+            conn.close()
+    out.put((done, failed))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--clients", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = Backend(Path(tmp) / "factory")
+        backend.start()
+        try:
+            device = backend.register("bench-1", Path(tmp) / "dev")
+            key, cert = device_identity(device)
+            body = est_body(renewal_csr(load_cert(cert), new_key()))
+            queue = multiprocessing.Queue()
+            start = time.monotonic()
+            deadline = start + args.seconds
+            procs = [multiprocessing.Process(target=client, args=(backend.est_url, str(backend.root_ca), str(key),
+                                                                   str(cert), body, deadline, queue))
+                     for _ in range(args.clients)]
+            for p in procs:
+                p.start()
+            results = [queue.get() for _ in procs]
+            elapsed = time.monotonic() - start
+            for p in procs:
+                p.join()
+        finally:
+            backend.stop()
+    done = sum(r[0] for r in results)
+    failed = sum(r[1] for r in results)
+    print(f"re-enrollments: {done} in {elapsed:.1f} s = {done / elapsed:.0f}/s "
+          f"({args.clients} client processes, new TLS connection each, {failed} failed), "
+          f"{multiprocessing.cpu_count()} CPUs shared by server and clients")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
