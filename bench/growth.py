@@ -10,8 +10,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from measure import summarize_runs
-from rotation import clear_restart_units, median_phases, timed_rotation
+from rotation import clear_restart_units, repeated_rotations
 
 
 def write_local_config(device_root: Path, values: int) -> None:
@@ -45,16 +44,10 @@ def rotation_with_config_values(backend, work: Path, values: int, repeats: int, 
     write_local_config(device, values)
     backend.cli("devices", "config", "set", name, *(f"server-{i}=server secret {i}" for i in range(values)),
                 timeout=600)
-    runs, phases = [], []
-    for _ in range(repeats):
-        run, run_phases = timed_rotation(device, clock)
-        runs.append(run)
-        phases.append(run_phases)
-    steps = median_phases(phases)
-    summary = summarize_runs(runs)
+    summary, steps = repeated_rotations(device, repeats, clock)
     return {
         "values": values,
-        "runs": len(runs),
+        "runs": summary["runs"],
         "wall_s": summary["wall_s"],
         "cpu_s": summary["cpu_s"],
         "local_config_s": steps.get("local_config", 0.0),

@@ -194,18 +194,21 @@ def run_level(
     server_pid: int,
     processes: int,
 ) -> LevelResult:
-    """Run len(jobs) concurrent tasks (the concurrency) for duration_s,
+    """Run len(jobs) concurrent threads (the concurrency) for duration_s,
     spread over ``processes`` client processes."""
     processes = max(1, min(processes, len(jobs)))
+    shares = [(ca_path, jobs[i::processes], duration_s) for i in range(processes)]
+    return run_clients(_client_process, shares, len(jobs), server_pid, duration_s + 120)
+
+
+def run_clients(target, shares: list[tuple], concurrency: int, server_pid: int, timeout_s: float) -> LevelResult:
+    """One client process per share, running target(*share, ready, go,
+    results): each gets ready (TLS contexts loaded), all start together on
+    ``go``, each puts (samples, its CPU seconds) on ``results``. The server's
+    CPU is read from /proc around the run."""
     ctx = multiprocessing.get_context("fork")
-    ready = ctx.Semaphore(0)
-    go = ctx.Event()
-    results = ctx.Queue()
-    shares = [jobs[i::processes] for i in range(processes)]
-    procs = [
-        ctx.Process(target=_client_process, args=(ca_path, share, duration_s, ready, go, results))
-        for share in shares
-    ]
+    ready, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*share, ready, go, results)) for share in shares]
     for proc in procs:
         proc.start()
     for _ in procs:
@@ -214,9 +217,9 @@ def run_level(
     server_cpu_before = cpu_seconds_of(server_pid)
     start = time.perf_counter()
     go.set()
-    level = LevelResult(concurrency=len(jobs), processes=processes)
+    level = LevelResult(concurrency=concurrency, processes=len(procs))
     for _ in procs:
-        samples, cpu = results.get(timeout=duration_s + 120)
+        samples, cpu = results.get(timeout=timeout_s)
         level.samples.extend(samples)
         level.client_cpu_s += cpu
     level.elapsed_s = time.perf_counter() - start

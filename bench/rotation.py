@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from measure import ChildRun, median, run_child, summarize_runs
 from steps import PointClock, breakdown
@@ -58,6 +59,20 @@ def timed_rotation(device_root: Path, clock: PointClock) -> tuple[ChildRun, dict
     return run, phases
 
 
+def repeated_rotations(device_root: Path, repeats: int, clock: PointClock,
+                       after_each: Callable[[int], object] | None = None) -> tuple[dict, dict[str, float]]:
+    """``repeats`` rotations of one device: the medians of wall, CPU and peak
+    RSS, and the median seconds per step."""
+    runs, phases = [], []
+    for i in range(repeats):
+        run, run_phases = timed_rotation(device_root, clock)
+        runs.append(run)
+        phases.append(run_phases)
+        if after_each:
+            after_each(i)
+    return summarize_runs(runs), median_phases(phases)
+
+
 def median_phases(all_phases: list[dict[str, float]]) -> dict[str, float]:
     names: list[str] = []
     for phases in all_phases:
@@ -73,17 +88,14 @@ def bench_rotation(backend, work: Path, repeats: int, clock: PointClock) -> dict
     device = backend.register("bench-rotate", work / "bench-rotate")
     clear_restart_units(device)
     base_device = backend.register("bench-baseline", work / "bench-baseline")
-    rotations, phases, baselines = [], [], []
-    for i in range(repeats):
-        run, run_phases = timed_rotation(device, clock)
-        rotations.append(run)
-        phases.append(run_phases)
-        baselines.append(baseline_once(base_device, backend.est_url, work / f"baseline-{i}"))
-    rotate = summarize_runs(rotations)
+    baselines: list[ChildRun] = []
+    rotate, steps = repeated_rotations(
+        device, repeats, clock,
+        after_each=lambda i: baselines.append(baseline_once(base_device, backend.est_url, work / f"baseline-{i}")))
     baseline = summarize_runs(baselines)
     return {
         "rotate": rotate,
-        "rotate_steps_s": median_phases(phases),
+        "rotate_steps_s": steps,
         "baseline_openssl_curl": baseline,
         "ratio_rotate_to_baseline": rotate["wall_s"] / baseline["wall_s"],
     }

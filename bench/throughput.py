@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import multiprocessing
 import os
 import threading
 import time
@@ -23,9 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from measure import cpu_seconds_of
-from load import (TRANSPORT_ERRORS, DeviceFiles, LevelResult, Request, Sample, client_context, describe_failure,
-                  https_request, process_cpu_s, run_level, run_threads)
+from load import (TRANSPORT_ERRORS, DeviceFiles, Request, Sample, client_context, describe_failure,
+                  https_request, process_cpu_s, run_clients, run_level, run_threads)
 
 
 def bulk_register(factory_dir: Path, prefix: str, count: int, files_dir: Path | None) -> list[DeviceFiles]:
@@ -48,13 +46,23 @@ def bulk_register(factory_dir: Path, prefix: str, count: int, files_dir: Path | 
                 cert = factory.issue_initial_device_cert(name, key.public_key())
                 devices.add_device(conn, name, cert, None, "bench")
                 if files_dir:
-                    key_path, cert_path = files_dir / f"{name}.key", files_dir / f"{name}.pem"
-                    pki.write_private(key_path, pki.key_pem(key))
-                    pki.write_public(cert_path, pki.cert_pem(cert))
-                    made.append(DeviceFiles(name, str(key_path), str(cert_path)))
+                    made.append(write_identity(files_dir, name, key, cert))
     finally:
         store.close()
     return made
+
+
+def write_identity(directory: Path, name: str, key, cert: x509.Certificate) -> DeviceFiles:
+    """A device's key (0600) and certificate as files for ssl's load_cert_chain.
+    Scratch files of the benchmark: not fsynced (thousands of fsyncs would
+    time the disk, not the backend)."""
+    key_path, cert_path = directory / f"{name}.key", directory / f"{name}.pem"
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return DeviceFiles(name, str(key_path), str(cert_path))
 
 
 def renewal_csr(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -132,22 +140,17 @@ def rotate_device(ca_path: str, device: DeviceFiles, est_url: str, gateway_url: 
     reply = https_request(old_context, Request("PATCH", f"{gateway_url}/device", body, "application/json"))
     if reply.status != 200:
         return "PATCH /device " + describe_failure(reply, None)
-    key_path, cert_path = scratch / f"{device.name}.key", scratch / f"{device.name}.pem"
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(new_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-    cert_path.write_bytes(new_certs[0].public_bytes(serialization.Encoding.PEM))
-    new_context = client_context(ca_path, DeviceFiles(device.name, str(key_path), str(cert_path)))
-    key_path.unlink()
-    cert_path.unlink()
+    new_files = write_identity(scratch, device.name, new_key, new_certs[0])
+    new_context = client_context(ca_path, new_files)
+    os.unlink(new_files.key_path)
+    os.unlink(new_files.cert_path)
     reply = https_request(new_context, Request("GET", f"{gateway_url}/device"))
     if reply.status != 200:
         return "GET /device with the new certificate " + describe_failure(reply, None)
     return ""
 
 
-def _fleet_process(ca_path, devices, est_url, gateway_url, threads, scratch, results) -> None:
+def _fleet_process(ca_path, devices, est_url, gateway_url, threads, scratch, ready, go, results) -> None:
     queue = list(reversed(devices))
     take = threading.Lock()
     samples: list[Sample] = []
@@ -165,6 +168,8 @@ def _fleet_process(ca_path, devices, est_url, gateway_url, threads, scratch, res
                 failure = describe_failure(None, exc)
             samples.append(Sample(time.perf_counter() - start, not failure, failure))
 
+    ready.release()
+    go.wait()
     cpu_before = process_cpu_s()
     run_threads(worker, [()] * threads)
     results.put((samples, process_cpu_s() - cpu_before))
@@ -176,26 +181,9 @@ def fleet_run(ca_path: str, est_url: str, gateway_url: str, devices: list[Device
     client processes; total time and errors."""
     scratch.mkdir(parents=True, exist_ok=True)
     processes = client_processes(concurrency)
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    server_cpu_before = cpu_seconds_of(server_pid)
-    start = time.perf_counter()
-    procs = [
-        ctx.Process(target=_fleet_process, args=(ca_path, devices[i::processes], est_url, gateway_url,
-                                                  concurrency // processes, scratch, results))
-        for i in range(processes)
-    ]
-    for proc in procs:
-        proc.start()
-    level = LevelResult(concurrency=concurrency, processes=processes)
-    for _ in procs:
-        samples, cpu = results.get(timeout=3600)
-        level.samples.extend(samples)
-        level.client_cpu_s += cpu
-    level.elapsed_s = time.perf_counter() - start
-    level.server_cpu_s = cpu_seconds_of(server_pid) - server_cpu_before
-    for proc in procs:
-        proc.join()
+    shares = [(ca_path, devices[i::processes], est_url, gateway_url, concurrency // processes, scratch)
+              for i in range(processes)]
+    level = run_clients(_fleet_process, shares, concurrency, server_pid, 3600)
     summary = level.summary()
     summary["devices"] = summary.pop("requests")
     summary["rotations_per_s"] = summary.pop("per_s")

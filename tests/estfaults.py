@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import requests
 
 from cryptography import x509
@@ -268,3 +269,33 @@ class _Handler(BaseHTTPRequestHandler):
             return
         sent = answer.body if answer.cut_after is None else answer.body[:answer.cut_after]
         self.wfile.write(sent)
+
+
+class Sleeps(list):
+    """A ``sleep`` that records the waits instead of waiting."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+# Fixtures for the unit tests that talk to this server (imported by them).
+
+@pytest.fixture
+def factory() -> TestPki:
+    return TestPki()
+
+
+@pytest.fixture
+def server(factory, tmp_path):
+    with FaultyEst.for_pki(factory, tmp_path / "server") as faulty:
+        yield faulty
+
+
+@pytest.fixture
+def ca_file(factory, tmp_path) -> str:
+    return str(write_file(tmp_path / "root.crt", factory.root.pem, 0o644))
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    return Sleeps()

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from . import fsutil
@@ -43,32 +42,39 @@ class Root:
         return self.dir / relative if relative else self.dir
 
 
-@dataclass
+# Plain classes, not dataclasses: importing dataclasses pulls in inspect,
+# which alone costs ``check`` a good share of its start-up time.
 class SotaConfig:
-    """The merged sota.toml settings the agent needs, with their origins."""
+    """The merged sota.toml settings the agent needs, with their origins.
 
-    gateway_url: str
-    ca_file: str  # device paths, absolute
-    key_file: str
-    cert_file: str
-    storage_path: str
-    base_path: str
-    origins: dict[str, str] = field(default_factory=dict)  # "import.tls_pkey_path" -> device file
+    Paths are absolute device paths; ``origins`` maps a dotted key
+    ("import.tls_pkey_path") to the device file that set its effective value.
+    """
+
+    def __init__(self, gateway_url: str, ca_file: str, key_file: str, cert_file: str,
+                 storage_path: str, origins: dict[str, str]):
+        self.gateway_url = gateway_url
+        self.ca_file = ca_file
+        self.key_file = key_file
+        self.cert_file = cert_file
+        self.storage_path = storage_path
+        self.origins = origins
 
 
-@dataclass
 class AgentConfig:
     """/etc/certrotate/certrotate.toml with defaults (docs/contracts.md)."""
 
-    est_server: str | None = None
-    est_label: str = ""
-    lifetime_fraction: float = 0.667
-    max_age_days: float = 365.0
-    restart: list[str] = field(
-        default_factory=lambda: ["aktualizr-lite.service", "fioconfig.service"]
-    )
-    state_dir: str = "/var/sota/certrotate"
-    config_dir: str = "/var/sota"
+    def __init__(self):
+        self.est_server: str | None = None
+        self.est_label = ""
+        self.lifetime_fraction = 0.667
+        self.max_age_days = 365.0
+        self.restart = ["aktualizr-lite.service", "fioconfig.service"]
+        self.state_dir = "/var/sota/certrotate"
+        self.config_dir = "/var/sota"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AgentConfig) and vars(self) == vars(other)
 
 
 def sota_files(root: Root) -> list[str]:
@@ -152,7 +158,6 @@ def load_sota(root: Root) -> SotaConfig:
         key_file=import_path(f"import.{TLS_KEY}"),
         cert_file=import_path(f"import.{TLS_CERT}"),
         storage_path=get("storage.path", "/var/sota/"),
-        base_path=base_path,
         origins=origins,
     )
 

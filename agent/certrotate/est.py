@@ -63,9 +63,7 @@ class EstClient:
 
     def cacerts(self) -> list[x509.Certificate]:
         """The EST CA's certificates (/cacerts)."""
-        reply = self._send("GET", "cacerts")
-        self._expect_certs(reply, "cacerts")
-        return self._certs(reply, "cacerts")
+        return self._certs(self._send("GET", "cacerts"), "cacerts")
 
     def simplereenroll(self, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
         """Re-enroll, authenticated by the client certificate; the certificates returned."""
@@ -104,13 +102,12 @@ class EstClient:
                     f"EST {operation}: the server is still processing the request after "
                     f"{waited:.0f} s of waiting (it asks for {wait:.0f} s more; the bound is "
                     f"{self.max_wait:.0f} s)",
-                    hint="the request is pending approval on the EST server; run the rotation "
-                    "again later to collect the certificate",
+                    hint="the request waits for the EST server (manual approval?); run the "
+                    "rotation again later to collect the certificate",
                     status=202,
                 )
             self.sleep(wait)
             waited += wait
-        self._expect_certs(reply, operation)
         return self._certs(reply, operation)
 
     def _send(self, method: str, operation: str, **kwargs) -> http.Reply:
@@ -133,9 +130,6 @@ class EstClient:
             return DEFAULT_RETRY_AFTER
         return max(0.0, when.timestamp() - self.clock())
 
-    def _expect_certs(self, reply: http.Reply, operation: str) -> None:
-        self._expect(reply, operation, (200, 201), PKCS7_MIME)
-
     def _expect(self, reply: http.Reply, operation: str, statuses, media_type: str) -> None:
         got = media_type_of(reply)
         if reply.status not in statuses:
@@ -155,6 +149,8 @@ class EstClient:
             )
 
     def _certs(self, reply: http.Reply, operation: str) -> list[x509.Certificate]:
+        """The certificates of a 200/201 certs-only reply, or an EstError."""
+        self._expect(reply, operation, (200, 201), PKCS7_MIME)
         certs = self._parse(reply, operation, lambda body: certs_only(unwrap64(body)))
         if not certs:
             raise EstError(

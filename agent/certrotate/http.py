@@ -29,6 +29,7 @@ from . import crashpoints
 BACKOFF_BASE = 1.0  # seconds before the second attempt
 BACKOFF_CAP = 30.0  # no single wait is longer than this
 _CHUNK = 64 * 1024
+_TOO_BIG_HINT = "the server sent far more than this request needs; check the URL and the server"
 
 
 class TransportError(Exception):
@@ -204,7 +205,7 @@ def _read_bounded(response: requests.Response, method: str, url: str, max_body: 
         raise TransportError(
             f"{method} {url}: the reply announces {declared} bytes, more than the "
             f"{max_body}-byte limit",
-            hint="the server sent far more than this request needs; check the URL and the server",
+            hint=_TOO_BIG_HINT,
             status=response.status_code,
         )
     chunks = []
@@ -215,27 +216,28 @@ def _read_bounded(response: requests.Response, method: str, url: str, max_body: 
             if received > max_body:
                 raise TransportError(
                     f"{method} {url}: the reply body exceeds the {max_body}-byte limit",
-                    hint="the server sent far more than this request needs; check the URL and the server",
+                    hint=_TOO_BIG_HINT,
                     status=response.status_code,
                 )
             chunks.append(chunk)
     except requests.exceptions.RequestException as err:
-        raise _Retryable(TransportError(
-            f"{method} {url}: the connection broke after {response.raw.tell()} body bytes"
-            + (f" of {declared}" if declared is not None else "")
-            + f": {_reason(err)}",
-            hint="the reply was cut off; check the network path and the server's logs",
-            status=response.status_code,
-        )) from err
-    wire_bytes = response.raw.tell()
-    if declared is not None and wire_bytes < declared:
+        raise _broken_off(response, method, url, declared, _reason(err)) from err
+    if declared is not None and response.raw.tell() < declared:
         # urllib3 1.x does not enforce Content-Length: a cut body looks complete.
-        raise _Retryable(TransportError(
-            f"{method} {url}: the reply was truncated: {wire_bytes} of {declared} bytes",
-            hint="the reply was cut off; check the network path and the server's logs",
-            status=response.status_code,
-        ))
+        raise _broken_off(response, method, url, declared, None)
     return b"".join(chunks)
+
+
+def _broken_off(response, method, url, declared: int | None, reason: str | None) -> _Retryable:
+    """A body that ended early; TLS stacks report a reset mid-body either as an
+    error (``reason``) or as an early end, so both read the same."""
+    of = f" of {declared}" if declared is not None else ""
+    because = f" ({reason})" if reason else ""
+    return _Retryable(TransportError(
+        f"{method} {url}: the reply broke off after {response.raw.tell()}{of} body bytes{because}",
+        hint="the reply was cut off; check the network path and the server's logs",
+        status=response.status_code,
+    ))
 
 
 def _declared_length(response: requests.Response) -> int | None:

@@ -38,6 +38,9 @@ class JournalError(Exception):
 class LockHeld(Exception):
     """Another agent holds the lock (exit code 3)."""
 
+    exit_code = 3
+    hint = "try again when it has finished"
+
 
 @dataclass
 class Rotation:
@@ -102,9 +105,6 @@ class Journal:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    def exists(self) -> bool:
-        return self.path.exists()
 
     def load(self) -> State:
         try:

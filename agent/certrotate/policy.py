@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from . import fsutil
@@ -18,8 +18,7 @@ CACHE_FILE = "validity-cache.json"
 DAY = 86400.0
 
 
-@dataclass
-class Validity:
+class Validity(NamedTuple):
     not_before: float  # seconds since the epoch
     not_after: float
 
@@ -59,9 +58,9 @@ def read_validity(state_dir: Path, cert_file: Path) -> Validity:
 
     not_before, not_after = pki.validity(certs.load_certs(cert_file)[0])
     validity = Validity(not_before.timestamp(), not_after.timestamp())
-    if Path(state_dir).is_dir():
-        record = {"file": _fingerprint(cert_file), "not_before": validity.not_before,
-                  "not_after": validity.not_after}
-        fsutil.atomic_write(Path(state_dir) / CACHE_FILE, json.dumps(record).encode(), 0o600,
-                            point="check:validity-cache")
+    fsutil.ensure_private_dir(Path(state_dir))
+    record = {"file": _fingerprint(cert_file), "not_before": validity.not_before,
+              "not_after": validity.not_after}
+    fsutil.atomic_write(Path(state_dir) / CACHE_FILE, json.dumps(record).encode(), 0o600,
+                        point="check:validity-cache")
     return validity

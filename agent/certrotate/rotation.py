@@ -17,6 +17,7 @@ from pathlib import PurePosixPath
 
 from . import events as events_mod
 from .config import ConfigError
+from .est import EstPending
 from .journal import Rotation
 from .rotate_confirm import ConfirmStep
 from .rotate_est import EstStep
@@ -114,9 +115,6 @@ def supersede(ctx: Context, rotation_id: str) -> None:
 
 def run(ctx: Context) -> None:
     """Run the rotation in progress from its next step to completion."""
-    # Imported here: they need requests and cryptography, which check's fast path avoids.
-    from .est import EstPending
-
     rotation = ctx.rotation
     while rotation.step < len(STEPS):
         step = STEPS[rotation.step]

@@ -152,13 +152,18 @@ def promote_next_key(store: Store, name: str, cert: x509.Certificate) -> None:
         )
 
 
-def announce_next_key(store: Store, name: str, pubkey_text) -> dict:
-    if not isinstance(pubkey_text, str):
-        raise DeviceError(400, 'body must be {"next_pubkey": "<PEM public key>"}')
+def parse_pubkey(value, field: str) -> str:
+    """Canonical PEM of a public key sent as JSON field `field`."""
+    if not isinstance(value, str):
+        raise DeviceError(400, f'"{field}" must be a PEM public key string')
     try:
-        key = pki.normalize_pubkey_pem(pubkey_text)
+        return pki.normalize_pubkey_pem(value)
     except pki.PkiError as err:
-        raise DeviceError(400, f"next_pubkey: {err}") from None
+        raise DeviceError(400, f"{field}: {err}") from None
+
+
+def announce_next_key(store: Store, name: str, pubkey_text) -> dict:
+    key = parse_pubkey(pubkey_text, "next_pubkey")
     with store.transaction() as conn:
         row = conn.execute("SELECT * FROM devices WHERE name = ?", (name,)).fetchone()
         if key == row["pubkey"]:
@@ -244,12 +249,7 @@ def device_config_upload(store: Store, name: str, body) -> int:
         raise DeviceError(400, '"reason" must be a string')
     public_key = body.get("public-key")
     if public_key is not None:
-        if not isinstance(public_key, str):
-            raise DeviceError(400, '"public-key" must be a PEM string')
-        try:
-            public_key = pki.normalize_pubkey_pem(public_key)
-        except pki.PkiError as err:
-            raise DeviceError(400, f"public-key: {err}") from None
+        public_key = parse_pubkey(public_key, "public-key")
     with store.transaction() as conn:
         row = conn.execute("SELECT * FROM devices WHERE name = ?", (name,)).fetchone()
         if row["next_pubkey"] is not None:

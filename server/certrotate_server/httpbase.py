@@ -20,6 +20,8 @@ log = logging.getLogger("certrotate_server")
 
 # Idle keep-alive connections and stalled handshakes are dropped after this.
 SOCKET_TIMEOUT = 30
+# Oversized bodies up to this much beyond the limit are read and dropped before the 413.
+DRAIN_LIMIT = 4 * 1024 * 1024
 
 
 class HttpError(Exception):
@@ -140,14 +142,24 @@ class BaseHandler(BaseHTTPRequestHandler):
         if length < 0:
             raise HttpError(400, "negative Content-Length")
         if length > self.max_body:
-            # The body is not read: close so it is not parsed as the next request.
             self.close_connection = True
+            if length <= self.max_body + DRAIN_LIMIT:
+                # Read it away (not kept): a client still sending when the connection
+                # closes gets a reset instead of the 413 that explains why.
+                self._discard(length)
             raise HttpError(413, f"request body of {length} bytes exceeds the limit of {self.max_body}")
         self._body = self.rfile.read(length)
         if len(self._body) != length:
             self.close_connection = True
             raise HttpError(400, "request body shorter than Content-Length")
         return self._body
+
+    def _discard(self, length: int) -> None:
+        while length > 0:
+            chunk = self.rfile.read(min(length, 65536))
+            if not chunk:
+                return
+            length -= len(chunk)
 
     def read_json(self):
         body = self.read_body()

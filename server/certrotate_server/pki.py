@@ -146,15 +146,20 @@ def _name(cn: str, ou: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
+def _key_usage(cert_sign: bool) -> x509.KeyUsage:
+    """digitalSignature, plus keyCertSign and cRLSign for a CA: nothing else, ever."""
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
+        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+    )
+
+
 def _ca_extensions(builder, path_length: int | None):
     return builder.add_extension(
         x509.BasicConstraints(ca=True, path_length=path_length), critical=True
     ).add_extension(
-        x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True,
-            crl_sign=True, encipher_only=False, decipher_only=False,
-        ),
+        _key_usage(cert_sign=True),
         critical=True,
     )
 
@@ -197,11 +202,7 @@ def make_tls_server_cert(cn: str, hostnames: list[str], key, root_cert, root_key
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
+            _key_usage(cert_sign=False),
             critical=True,
         )
         .add_extension(
@@ -234,11 +235,7 @@ def issue_device_cert(
         _builder(subject, ca_cert.subject, public_key, now - BACKDATE, not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
+            _key_usage(cert_sign=False),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)

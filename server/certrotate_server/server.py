@@ -62,7 +62,7 @@ def serve(factory: Factory, gateway_listen: tuple[str, int], est_listen: tuple[s
     pki.write_public(factory.endpoints_path, (json.dumps(endpoints) + "\n").encode())
     log.info("gateway %s, EST %s (pid %d)", endpoints["gateway"], endpoints["est"], os.getpid())
     try:
-        while not stop.wait(1):
+        while not stop.wait(0.2):
             pass
     finally:
         log.info("shutting down")

@@ -12,7 +12,7 @@ import contextlib
 import datetime as dt
 import json
 import sqlite3
-import threading
+import queue
 import time
 from pathlib import Path
 
@@ -94,52 +94,69 @@ def utcnow() -> str:
 
 
 class Store:
+    """A pool of connections: request threads are short-lived, so a connection
+    per thread would be opened (and its pragmas run) on every request."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._local = threading.local()
+        self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
         self.migrate()
 
-    def connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
         return conn
 
+    @contextlib.contextmanager
+    def connection(self):
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = self._open()
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:  # never hand on a connection mid-transaction
+                conn.close()
+            else:
+                self._idle.put(conn)
+
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
 
     @contextlib.contextmanager
     def transaction(self):
         """BEGIN IMMEDIATE ... COMMIT: a writer waits for the lock up front (no upgrade deadlock)."""
-        conn = self.connection()
-        for attempt in range(50):
+        with self.connection() as conn:
+            for attempt in range(50):
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as err:
+                    if "locked" not in str(err) or attempt == 49:
+                        raise
+                    time.sleep(0.01 * (attempt + 1))
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as err:
-                if "locked" not in str(err) or attempt == 49:
-                    raise
-                time.sleep(0.01 * (attempt + 1))
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def query(self, sql: str, args=()) -> list[sqlite3.Row]:
-        return self.connection().execute(sql, args).fetchall()
+        with self.connection() as conn:
+            return conn.execute(sql, args).fetchall()
 
     def query_one(self, sql: str, args=()) -> sqlite3.Row | None:
-        return self.connection().execute(sql, args).fetchone()
+        with self.connection() as conn:
+            return conn.execute(sql, args).fetchone()
 
     def migrate(self) -> None:
         with self.transaction() as conn:

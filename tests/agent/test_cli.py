@@ -14,7 +14,8 @@ DAY = datetime.timedelta(days=1)
 
 @pytest.fixture
 def device(tmp_path):
-    return write_device_tree(tmp_path / "dev", TestPki(), est_url="https://127.0.0.1:1/.well-known/est")
+    return write_device_tree(tmp_path / "dev", TestPki(), gateway_url="https://127.0.0.1:1",
+                             est_url="https://127.0.0.1:1/.well-known/est")
 
 
 def no_sleep(seconds):
@@ -22,6 +23,7 @@ def no_sleep(seconds):
 
 
 def test_check_with_nothing_due_is_quiet_and_imports_nothing_heavy(device):
+    device.state_dir.rmdir()  # as registered: no state dir yet
     probe = (
         "import sys\n"
         "from certrotate.cli import main\n"
@@ -33,13 +35,14 @@ def test_check_with_nothing_due_is_quiet_and_imports_nothing_heavy(device):
     assert first.stdout.strip() == "0 ['cryptography']", first.stderr  # cache miss: parses the cert once
     second = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert (second.stdout.strip(), second.stderr) == ("0 []", "")
+    assert device.state_dir.stat().st_mode & 0o777 == 0o700
 
 
 def test_check_starts_a_rotation_when_due_and_reports_the_failing_step(tmp_path, capsys):
     pki = TestPki()
     now = datetime.datetime.now(datetime.timezone.utc)
     old = pki.device(not_before=now - 300 * DAY, not_after=now + 60 * DAY)
-    device = write_device_tree(tmp_path / "dev", pki, identity=old,
+    device = write_device_tree(tmp_path / "dev", pki, identity=old, gateway_url="https://127.0.0.1:1",
                                est_url="https://127.0.0.1:1/.well-known/est")
     code = cli.main(["--root", str(device.root), "check"], sleep=no_sleep)
     assert code == cli.EXIT_FAILED
@@ -54,6 +57,12 @@ def test_check_starts_a_rotation_when_due_and_reports_the_failing_step(tmp_path,
     (key_file,) = device.state_dir.glob("*.key")
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert "PRIVATE KEY" not in (device.state_dir / "state.json").read_text()
+    # The gateway (nothing listens on port 1) cannot take the events: they wait on disk,
+    # and that did not change the outcome.
+    queued = [json.loads(p.read_text()) for p in sorted((device.state_dir / "events").glob("*.json"))]
+    assert [(e["eventType"]["id"], e["event"]["success"]) for e in queued] == [
+        ("CertRotationStarted", True), ("Generate new certificate", False), ("CertRotationCompleted", False)]
+    assert "events: 3 kept for a later run" in err
     # The next check resumes it (and fails the same way): nothing is started twice.
     assert cli.main(["--root", str(device.root), "check"], sleep=no_sleep) == cli.EXIT_FAILED
     assert "resuming at step 1" in capsys.readouterr().err
@@ -124,3 +133,13 @@ def test_usage_error_is_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["frobnicate"])
     assert exit_info.value.code == 2
+
+
+def test_a_run_removes_what_an_interrupted_write_left(device, capsys):
+    leftovers = [device.sota / "pkey-certs-9.pem.certrotate-tmp",
+                 device.state_dir / "certs-9.key.certrotate-tmp"]
+    for path in leftovers:
+        path.write_bytes(b"-----BEGIN PRIVATE KEY-----\nhalf")
+    assert cli.main(["--root", str(device.root), "rotate"], sleep=no_sleep) == cli.EXIT_FAILED
+    assert not any(path.exists() for path in leftovers)
+    assert "left by an interrupted write" in capsys.readouterr().err

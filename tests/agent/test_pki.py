@@ -313,3 +313,23 @@ def test_rsa_chain_is_verified():
     issued = root.issue(device_name("rsa-dev"), key.public_key())
     assert pki.check_issued([issued], key, current, [root_cert], [], utcnow()) == issued
     assert not pki.signed_by(issued, new_root("rsa root").cert)
+
+
+def test_overlong_chain_is_refused(factory, device):
+    ca = factory.device_ca
+    intermediates = [ca.cert]
+    for depth in range(pki.MAX_CHAIN + 1):
+        ca = ca.intermediate(f"level {depth}")
+        intermediates.append(ca.cert)
+    key = pki.new_key()
+    issued = ca.issue(device.cert.subject, key.public_key())
+    expect_refusal("longer than 8 CA certificates", factory, [issued], key, device.cert,
+                   intermediates=intermediates)
+    # one level less is fine
+    short = factory.device_ca
+    chain = [short.cert]
+    for depth in range(pki.MAX_CHAIN - 1):
+        short = short.intermediate(f"short {depth}")
+        chain.append(short.cert)
+    issued = short.issue(device.cert.subject, key.public_key())
+    assert check(factory, [issued], key, device.cert, intermediates=chain) == issued

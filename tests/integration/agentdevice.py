@@ -24,6 +24,11 @@ AGENT_TIMEOUT = 120
 
 
 def agent_command() -> list[str]:
+    """The agent's command line. CERTROTATE_TEST_AGENT_PYTHON=PYTHON runs it with another
+    interpreter (e.g. a venv with the oldest cryptography and requests devices carry)."""
+    other = os.environ.get("CERTROTATE_TEST_AGENT_PYTHON")
+    if other:
+        return [other, "-m", "certrotate.cli"]
     script = Path(sys.executable).parent / "certrotate"
     return [str(script)] if script.exists() else [sys.executable, "-m", "certrotate.cli"]
 
@@ -114,6 +119,17 @@ class OldIdentity:
         self.key.write_bytes(self.key_pem)
         self.key.chmod(0o600)
         self.cert.write_bytes(cert_file.read_bytes())
+
+
+def new_device(backend, tmp_path: Path, name: str, *, device_values: dict[str, str] | None = None,
+               local_values: dict[str, str] | None = None) -> tuple[Path, OldIdentity]:
+    """Register ``name`` (device tree under tmp_path), give it config, keep its first identity."""
+    device = backend.register(name, tmp_path / name)
+    if device_values:
+        backend.cli("devices", "config", "set", name, *(f"{k}={v}" for k, v in device_values.items()))
+    if local_values:
+        write_local_config(device, local_values)
+    return device, OldIdentity(device, tmp_path / f"{name}-old")
 
 
 def assert_rotated(backend, device_root: Path, old: OldIdentity, *,

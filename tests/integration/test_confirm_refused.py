@@ -16,18 +16,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agentdevice import (
-    OldIdentity, active_identity, assert_rotated, decrypt_map, event_lines, fake_systemctl,
-    load_key, run_agent, write_local_config,
+    active_identity, assert_rotated, decrypt_map, event_lines, fake_systemctl, load_key, new_device,
+    run_agent,
 )
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def test_refused_certificate_reverts_then_resumes(backend, tmp_path):
-    device = backend.register("dev-r", tmp_path / "dev-r")
-    backend.cli("devices", "config", "set", "dev-r", "token=abc")
-    write_local_config(device, {"token": "abc"})
-    old = OldIdentity(device, tmp_path / "old")
+    device, old = new_device(backend, tmp_path, "dev-r", device_values={"token": "abc"},
+                             local_values={"token": "abc"})
     bin_dir = tmp_path / "bin"
     fake_systemctl(bin_dir)
 

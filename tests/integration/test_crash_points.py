@@ -16,7 +16,7 @@ import signal
 
 import pytest
 
-from agentdevice import OldIdentity, assert_rotated, event_lines, fake_systemctl, run_agent, write_local_config
+from agentdevice import assert_rotated, event_lines, fake_systemctl, new_device, run_agent
 from backend import Backend
 
 CHECK_RUNS = 5
@@ -34,11 +34,8 @@ def shared_backend(tmp_path_factory):
         server.stop()
 
 
-def new_device(backend, tmp_path, name):
-    device = backend.register(name, tmp_path / name)
-    backend.cli("devices", "config", "set", name, *(f"{k}={v}" for k, v in DEVICE_VALUES.items()))
-    write_local_config(device, LOCAL_VALUES)
-    return device, OldIdentity(device, tmp_path / f"{name}-old")
+def configured_device(backend, tmp_path, name):
+    return new_device(backend, tmp_path, name, device_values=DEVICE_VALUES, local_values=LOCAL_VALUES)
 
 
 def last_event(backend, name, rotation_id):
@@ -52,7 +49,7 @@ def test_every_crash_point_recovers(shared_backend, tmp_path):
     bin_dir = tmp_path / "bin"
     fake_systemctl(bin_dir)
 
-    device, old = new_device(backend, tmp_path, "traced")
+    device, old = configured_device(backend, tmp_path, "traced")
     trace = tmp_path / "points.txt"
     clean = run_agent(device, "rotate", "--rotation-id", "certs-1", bin_dir=bin_dir,
                       env={"CERTROTATE_TRACE_POINTS": str(trace)})
@@ -68,7 +65,7 @@ def test_every_crash_point_recovers(shared_backend, tmp_path):
     failures = []
     for number, point in enumerate(points):
         name = f"crash-{number}"
-        device, old = new_device(backend, tmp_path, name)
+        device, old = configured_device(backend, tmp_path, name)
         rotation_id = f"certs-{1000 + number}"
         killed = run_agent(device, "rotate", "--rotation-id", rotation_id, bin_dir=bin_dir,
                            env={"CERTROTATE_CRASH_AT": point})

@@ -7,10 +7,7 @@ import re
 
 import pytest
 
-from agentdevice import (
-    OldIdentity, active_identity, assert_rotated, event_lines, fake_systemctl, run_agent,
-    write_local_config,
-)
+from agentdevice import active_identity, assert_rotated, event_lines, fake_systemctl, new_device, run_agent
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -29,11 +26,9 @@ STEP_EVENTS = [
 
 
 def test_full_rotation(backend, tmp_path):
-    device = backend.register("dev-1", tmp_path / "dev-1")
-    backend.cli("devices", "config", "set", "dev-1", "wifi-psk=s3cret", "api-token=t0ken")
     local = {"wifi-psk": "s3cret", "local-only": "x"}
-    write_local_config(device, local)
-    old = OldIdentity(device, tmp_path / "old")
+    device, old = new_device(backend, tmp_path, "dev-1", device_values={"wifi-psk": "s3cret", "api-token": "t0ken"},
+                             local_values=local)
     bin_dir = tmp_path / "bin"
     fake_systemctl(bin_dir, active=("aktualizr-lite.service",))
 
@@ -71,8 +66,7 @@ def test_full_rotation(backend, tmp_path):
 
 
 def test_handler_runs_the_rotation_fioconfig_asks_for(backend, tmp_path):
-    device = backend.register("dev-2", tmp_path / "dev-2")
-    old = OldIdentity(device, tmp_path / "old")
+    device, old = new_device(backend, tmp_path, "dev-2")
     bin_dir = tmp_path / "bin"
     fake_systemctl(bin_dir)
     config_file = tmp_path / "fio-rotate-certs"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agentdevice import OldIdentity, assert_rotated, fake_systemctl, run_agent
+from agentdevice import assert_rotated, fake_systemctl, new_device, run_agent
 
 FIXTURES = Path(__file__).parent.parent / "agent" / "fixtures"
 
@@ -20,9 +20,7 @@ FIXTURES = Path(__file__).parent.parent / "agent" / "fixtures"
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.glob("state-v*.json")))
 def test_state_format_resumes(backend, tmp_path, fixture):
-    device = backend.register("dev-ota", tmp_path / "dev")
-    backend.cli("devices", "config", "set", "dev-ota", "k=v")
-    old = OldIdentity(device, tmp_path / "old")
+    device, old = new_device(backend, tmp_path, "dev-ota", device_values={"k": "v"})
     bin_dir = tmp_path / "bin"
     fake_systemctl(bin_dir)
     killed = run_agent(device, "rotate", "--rotation-id", "certs-1700000000", bin_dir=bin_dir,

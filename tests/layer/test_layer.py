@@ -31,6 +31,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import recipe_install  # noqa: E402
 
+# Every check runs tools in subprocesses (each with its own timeout); this
+# bounds the whole module should one of them hang anyway.
+pytestmark = pytest.mark.timeout(900)
+
 LAYER = REPO / "meta-certrotate"
 FILES_DIR = recipe_install.RECIPE_DIR / "files"
 OELINT_CONFIG = REPO / ".oelint.cfg"
@@ -335,8 +339,10 @@ def test_run_ptest_reports_each_test_for_ptest_runner(payload, tmp_path):
 def test_ptest_collects_every_agent_test_from_the_installed_layout(payload, tmp_path):
     destdir, installed = payload
     ptest = destdir / "usr/lib/certrotate/ptest"
-    repo_tests = sorted(p.name for p in (REPO / "tests/agent").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    shipped = sorted(PurePosixPath(p).name for p in installed if p.startswith("/usr/lib/certrotate/ptest/tests/agent/"))
+    repo_tests = sorted(str(p.relative_to(REPO / "tests/agent")) for p in (REPO / "tests/agent").rglob("*")
+                        if p.is_file() and "__pycache__" not in p.parts)
+    prefix = "/usr/lib/certrotate/ptest/tests/agent/"
+    shipped = sorted(p[len(prefix):] for p in installed if p.startswith(prefix))
     assert repo_tests == shipped, "tests/agent files the ptest package does not ship (extend do_install_ptest)"
     site = destdir / TARGET_SITELIB.lstrip("/")
     result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", "tests/agent"],

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,8 +62,23 @@ def qemu_prerequisites():
 
 
 @pytest.fixture(scope="session")
-def qemu_workdir(tmp_path_factory, qemu_prerequisites) -> Path:
-    return tmp_path_factory.mktemp("qemu")
+def qemu_workdir(qemu_prerequisites, request):
+    """The session's disks, VMs and backends. Not under pytest's basetemp:
+    concurrent pytest runs prune /tmp/pytest-of-USER while VMs still use it.
+    Removed after a run without failures, kept (and named) otherwise."""
+    workdir = Path(tempfile.mkdtemp(prefix="certrotate-qemu-", dir=os.environ.get("TMPDIR", "/var/tmp")))
+    failures = request.session.testsfailed
+    yield workdir
+    if request.session.testsfailed == failures:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"\nQEMU work files kept in {workdir}")
+
+
+@pytest.fixture
+def scratch(qemu_workdir, request) -> Path:
+    """A per-test directory inside the session's work directory."""
+    return Path(tempfile.mkdtemp(prefix=request.node.name[:40] + "-", dir=qemu_workdir))
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +100,13 @@ def recipe_payload():
 
 
 @pytest.fixture(scope="session")
-def base_tree(qemu_workdir, ssh_key, recipe_payload) -> Path:
+def install_layer_payload(recipe_payload):
+    """``install(destdir, **options)``: the layer's payload as this image configures it."""
+    return lambda destdir, **options: recipe_payload.install_payload(destdir, overrides=PAYLOAD_OVERRIDES, **options)
+
+
+@pytest.fixture(scope="session")
+def base_tree(qemu_workdir, ssh_key, install_layer_payload) -> Path:
     """The unpacked root filesystem with the layer's payload, stand-ins and ssh key."""
     started = time.monotonic()
     tarball, built = image.rootfs_tarball()
@@ -93,7 +115,7 @@ def base_tree(qemu_workdir, ssh_key, recipe_payload) -> Path:
     with stage("base tree: unpack, layer payload, stand-ins"):
         base = image.prepare_base_tree(
             tarball, qemu_workdir / "base", ssh_key.with_suffix(".pub").read_text(),
-            lambda destdir: recipe_payload.install_payload(destdir, overrides=PAYLOAD_OVERRIDES))
+            install_layer_payload)
         (base / TEST_DIR.lstrip("/")).mkdir(parents=True)
         return base
 
@@ -132,9 +154,9 @@ def make_guest(base_tree, ssh_key, qemu_workdir):
 
 
 @pytest.fixture(scope="module")
-def module_backend(backend_class, tmp_path_factory, qemu_prerequisites):
+def module_backend(backend_class, qemu_workdir, request):
     """A backend shared by one test module's guest (booting is too slow to do per test)."""
-    server = backend_class(tmp_path_factory.mktemp("factory") / "factory")
+    server = backend_class(Path(tempfile.mkdtemp(prefix=request.module.__name__ + "-", dir=qemu_workdir)) / "factory")
     server.start()
     yield server
     server.stop()

@@ -222,3 +222,55 @@ def device_disk(base: Path, device_tree: Path, disk: Path) -> Path:
         return assemble_disk(tree, disk)
     finally:
         shutil.rmtree(tree)
+
+
+def _debugfs(disk: Path, commands: list[str]) -> str:
+    """Run debugfs commands against the (stopped) guest's root filesystem."""
+    result = subprocess.run(["debugfs", "-w", "-f", "-", root_fs_spec(disk)],
+                            input="\n".join(commands) + "\n", capture_output=True, text=True)
+    # debugfs exits 0 even when a command fails; its complaints name the command.
+    errors = [line for line in result.stderr.splitlines()
+              if line and not line.startswith("debugfs ") and "Filesystem opened" not in line]
+    if result.returncode != 0 or errors:
+        raise RuntimeError(f"debugfs on {disk} failed: {result.stderr[-3000:]}")
+    return result.stdout
+
+
+def replace_offline(disk: Path, remove: list[str], add: dict[str, Path], workdir: Path) -> None:
+    """Remove the directories ``remove`` from the stopped guest's root
+    filesystem and add ``add`` (guest directory -> host tree), as an OTA
+    update of those files would.
+
+    After a power cut the filesystem journal may hold unreplayed writes, so it
+    is replayed first (what the kernel does at the next mount); nothing else
+    is touched.
+    """
+    replay = subprocess.run(["e2fsck", "-p", "-E", "journal_only", root_fs_spec(disk)],
+                            capture_output=True, text=True)
+    if replay.returncode not in (0, 1):
+        raise RuntimeError(f"journal replay on {disk} failed ({replay.returncode}): {replay.stdout}{replay.stderr}")
+    commands = []
+    for number, guest_dir in enumerate(remove):
+        dump = workdir / f"old-{number}"
+        dump.mkdir(parents=True)
+        subprocess.run(["debugfs", "-R", f"rdump {guest_dir} {dump}", root_fs_spec(disk)],
+                       check=True, capture_output=True)
+        old_copy = dump / Path(guest_dir).name
+        if not old_copy.is_dir():
+            raise RuntimeError(f"{guest_dir} is not a directory in {disk}'s root filesystem")
+        for path in sorted(old_copy.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            guest_path = f"{guest_dir}/{path.relative_to(old_copy)}"
+            commands.append(f"rmdir {guest_path}" if path.is_dir() else f"rm {guest_path}")
+        commands.append(f"rmdir {guest_dir}")
+    for guest_dir, new_tree in add.items():
+        commands.append(f"mkdir {guest_dir}")
+        entries = sorted(new_tree.rglob("*"))
+        for path in entries:
+            guest_path = f"{guest_dir}/{path.relative_to(new_tree)}"
+            commands.append(f"mkdir {guest_path}" if path.is_dir() else f"write {path} {guest_path}")
+        for path in [new_tree, *entries]:
+            guest_path = guest_dir if path == new_tree else f"{guest_dir}/{path.relative_to(new_tree)}"
+            kind = 0o040000 if path.is_dir() else 0o100000
+            commands += [f"sif {guest_path} mode 0{kind | (path.stat().st_mode & 0o7777):o}",
+                         f"sif {guest_path} uid 0", f"sif {guest_path} gid 0"]
+    _debugfs(disk, commands)

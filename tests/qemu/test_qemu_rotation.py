@@ -58,8 +58,8 @@ def test_check_does_nothing_when_not_due(device):
     assert "certs-" not in updates, updates
 
 
-def test_operator_rotation(device, tmp_path):
-    old = device.identity(tmp_path / "old")
+def test_operator_rotation(device, scratch):
+    old = device.identity(scratch / "old")
     assert gateway_accepts(device.backend, old.key, old.cert)
     sent = device.backend.cli("devices", "config", "rotate-certs", device.name, "--reason", "QEMU test",
                               "--est-server", guest_est_url(device.backend)).stdout
@@ -68,7 +68,7 @@ def test_operator_rotation(device, tmp_path):
     with stage(f"{device.name}: operator rotation (fioconfig handler)"):
         result = device.deliver_config()
     assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{device.journal('fioconfig-apply.service')}"
-    new = assert_rotated(device, rotation_id, old, tmp_path / "new")
+    new = assert_rotated(device, rotation_id, old, scratch / "new")
     device.wait_standin_ok(new.cert_path, since=since)
     device.wait_standin_ok(new.cert_path, since=since, name="fioconfig")
 
@@ -78,8 +78,8 @@ def test_operator_rotation(device, tmp_path):
     assert device.identity_paths() == (new.key_path, new.cert_path)
 
 
-def test_rotation_due_by_policy(device, tmp_path):
-    old = device.identity(tmp_path / "old")
+def test_rotation_due_by_policy(device, scratch):
+    old = device.identity(scratch / "old")
     config = device.vm.read(CERTROTATE_TOML)
     assert "[renewal]" not in config, config
     # Due as soon as any of the certificate's lifetime has passed.
@@ -91,7 +91,7 @@ def test_rotation_due_by_policy(device, tmp_path):
             result = device.run_certrotate_service()
         assert result.returncode == 0, device.journal()
         rotation_id = device.status()["last_completed"]["rotation_id"]
-        new = assert_rotated(device, rotation_id, old, tmp_path / "new")
+        new = assert_rotated(device, rotation_id, old, scratch / "new")
         device.wait_standin_ok(new.cert_path, since=since)
     finally:
         device.ssh(f"mv /root/certrotate.toml.orig {CERTROTATE_TOML}")

@@ -260,3 +260,23 @@ def test_unknown_device_and_foreign_ca(backend, tmp_path):
         backend.est("POST", "simplereenroll", key=write_key(tmp_path / "f.key", other_key),
                     cert=write_cert(tmp_path / "f.crt", foreign), headers=PKCS10,
                     data=est_body(renewal_csr(foreign, new_key())))
+
+
+def test_huge_declared_body_refused_without_reading(backend):
+    """Content-Length far past the limit: 413 at once, the body is never read into memory."""
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    url = urlsplit(backend.est_url)
+    ctx = ssl.create_default_context(cafile=str(backend.root_ca))
+    auth = base64.b64encode(f"bootstrap:{est_password(backend)}".encode()).decode()
+    with socket.create_connection((url.hostname, url.port), timeout=20) as raw:
+        with ctx.wrap_socket(raw, server_hostname=url.hostname) as tls:
+            tls.sendall(f"POST {url.path}/simpleenroll HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n"
+                        f"Content-Type: application/pkcs10\r\nContent-Length: 1000000000\r\n\r\n".encode())
+            reply = b""
+            while chunk := tls.recv(4096):  # the server closes after the reply
+                reply += chunk
+    reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 413 ") and "exceeds the limit" in reply

@@ -69,7 +69,7 @@ do_install:append() {
         ${D}${sysconfdir}/certrotate/certrotate.toml
     if [ -z "${CERTROTATE_EST_SERVER}" ]; then
         # No built-in EST server: leave the key out (commented) rather than
-        # write an empty URL; fioconfig's ESTSERVER= still drives rotations.
+        # write an empty URL; handler-started rotations carry ESTSERVER=.
         sed -i -e 's|^server = ""$|# server = "https://est.example.org/.well-known/est"|' \
             ${D}${sysconfdir}/certrotate/certrotate.toml
     fi
@@ -84,6 +84,8 @@ do_install_ptest() {
     install -d ${D}${PTEST_PATH}/tests/agent
     install -m 0644 ${S}/tests/pki.py ${S}/tests/estfaults.py ${D}${PTEST_PATH}/tests/
     install -m 0644 ${S}/tests/agent/*.py ${D}${PTEST_PATH}/tests/agent/
+    install -d ${D}${PTEST_PATH}/tests/agent/fixtures
+    install -m 0644 ${S}/tests/agent/fixtures/* ${D}${PTEST_PATH}/tests/agent/fixtures/
 }
 
 # systemd.bbclass packages the timer (SYSTEMD_SERVICE); the service it starts
