@@ -108,6 +108,15 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def code_version(repo: Path) -> str:
+    """The commit measured, with "+changes" when the work tree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--", "agent", "server") else "")
+
+
 def machine() -> dict:
     model = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():

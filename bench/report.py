@@ -82,7 +82,8 @@ def markdown(results: dict) -> str:
     """The figures as Markdown tables (also what the run prints)."""
     out: list[str] = []
     m = results["machine"]
-    out.append(f"Run: {results['started_utc']} UTC, {'quick' if results['quick'] else 'full'} run, "
+    out.append(f"Run: {results['started_utc']} UTC, code {results.get('code', 'unknown')}, "
+               f"{'quick' if results['quick'] else 'full'} run, "
                f"{results['duration_s']:.0f} s. Machine: {m['nproc']} CPUs ({m['cpu_model']}), "
                f"{m['memory_mib']} MiB, Python {m['python']}, {m['openssl']}, Linux {m['kernel']}. "
                f"Load average (1/5/15 min) at start {results['load_average_at_start']}, "

@@ -32,7 +32,7 @@ import growth  # noqa: E402
 import report  # noqa: E402
 import rotation  # noqa: E402
 import throughput  # noqa: E402
-from measure import load_average, machine  # noqa: E402
+from measure import code_version, load_average, machine  # noqa: E402
 from steps import PointClock  # noqa: E402
 
 SECTIONS = ("rotation", "footprint", "growth_config", "backend", "fleet", "growth_registered")
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "plan": plan.__dict__,
         "machine": machine(),
+        "code": code_version(REPO),
         "load_average_at_start": load_average(),
     }
     try:

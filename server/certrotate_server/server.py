@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import ssl
 import threading
@@ -33,7 +34,16 @@ def _url_host(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0") else host
 
 
+def _prepare_for_many_connections() -> None:
+    """A thread and a socket per connected device: small thread stacks, all the fds allowed."""
+    threading.stack_size(512 * 1024)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(factory: Factory, gateway_listen: tuple[str, int], est_listen: tuple[str, int]) -> int:
+    _prepare_for_many_connections()
     app = App(factory)
     device_ca = str(factory.path("device-ca.crt"))
     gateway = TlsHttpServer(

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import sqlite3
 import queue
+import threading
 import time
 from pathlib import Path
 
@@ -97,9 +98,14 @@ class Store:
     """A pool of connections: request threads are short-lived, so a connection
     per thread would be opened (and its pragmas run) on every request."""
 
+    # Thousands of request threads share this many connections (file descriptors,
+    # page caches); the others wait their turn, which is short.
+    MAX_CONNECTIONS = 32
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
         self.migrate()
 
     def _open(self) -> sqlite3.Connection:
@@ -112,17 +118,18 @@ class Store:
 
     @contextlib.contextmanager
     def connection(self):
-        try:
-            conn = self._idle.get_nowait()
-        except queue.Empty:
-            conn = self._open()
-        try:
-            yield conn
-        finally:
-            if conn.in_transaction:  # never hand on a connection mid-transaction
-                conn.close()
-            else:
-                self._idle.put(conn)
+        with self._slots:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._open()
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:  # never hand on a connection mid-transaction
+                    conn.close()
+                else:
+                    self._idle.put(conn)
 
     def close(self) -> None:
         while True:

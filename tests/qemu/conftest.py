@@ -25,6 +25,8 @@ for path in (HERE, TESTS):
         sys.path.insert(0, str(path))
 
 import qemu_image as image  # noqa: E402
+import recipe_install  # noqa: E402
+from backend import Backend  # noqa: E402
 import qemu_timing as timing  # noqa: E402
 from qemu_guest import TEST_DIR, Guest, guest_urls  # noqa: E402
 from qemu_timing import record_stage, stage  # noqa: E402
@@ -90,19 +92,10 @@ def ssh_key(qemu_workdir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def recipe_payload():
-    """tests/recipe_install.py: the layer's install step run outside BitBake."""
-    try:
-        import recipe_install
-    except ImportError as err:
-        pytest.skip(f"tests/recipe_install.py is not available ({err}); the image needs the layer's payload")
-    return recipe_install
-
-
-@pytest.fixture(scope="session")
-def install_layer_payload(recipe_payload):
-    """``install(destdir, **options)``: the layer's payload as this image configures it."""
-    return lambda destdir, **options: recipe_payload.install_payload(destdir, overrides=PAYLOAD_OVERRIDES, **options)
+def install_layer_payload():
+    """``install(destdir, **options)``: the layer's payload (tests/recipe_install.py,
+    the recipe's own install step) as this image configures it."""
+    return lambda destdir, **options: recipe_install.install_payload(destdir, overrides=PAYLOAD_OVERRIDES, **options)
 
 
 @pytest.fixture(scope="session")
@@ -118,15 +111,6 @@ def base_tree(qemu_workdir, ssh_key, install_layer_payload) -> Path:
             install_layer_payload)
         (base / TEST_DIR.lstrip("/")).mkdir(parents=True)
         return base
-
-
-@pytest.fixture(scope="session")
-def backend_class():
-    try:
-        from backend import Backend
-    except ImportError as err:
-        pytest.skip(f"tests/backend.py is not available ({err})")
-    return Backend
 
 
 @pytest.fixture(scope="session")
@@ -154,9 +138,9 @@ def make_guest(base_tree, ssh_key, qemu_workdir):
 
 
 @pytest.fixture(scope="module")
-def module_backend(backend_class, qemu_workdir, request):
+def module_backend(qemu_workdir, request):
     """A backend shared by one test module's guest (booting is too slow to do per test)."""
-    server = backend_class(Path(tempfile.mkdtemp(prefix=request.module.__name__ + "-", dir=qemu_workdir)) / "factory")
+    server = Backend(Path(tempfile.mkdtemp(prefix=request.module.__name__ + "-", dir=qemu_workdir)) / "factory")
     server.start()
     yield server
     server.stop()

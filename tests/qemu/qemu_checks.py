@@ -27,6 +27,9 @@ EVENT_NAMES = [
     "Remove old key and certificate",
     "CertRotationCompleted",
 ]
+# certrotate.toml lines making any certificate due for renewal (older than
+# a second), whatever its validity period.
+RENEWAL_DUE_AT_ONCE = "\n[renewal]\nlifetime_fraction = 0.000001\nmax_age_days = 0.00001\n"
 SECRET_NAME, SECRET_VALUE = "wifi-psk", "correct horse battery staple"
 
 

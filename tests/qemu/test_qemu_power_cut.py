@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import qemu_image as image
-from qemu_checks import assert_rotated, gateway_accepts, seed_device_config
+from qemu_checks import RENEWAL_DUE_AT_ONCE, assert_rotated, gateway_accepts, seed_device_config
 from qemu_guest import TEST_DIR
 from qemu_timing import stage
 
@@ -36,11 +36,10 @@ OTA_AFTER_STEP = "finalize"
 
 
 def due_at_once(device_tree: Path) -> None:
-    """Renewal policy: any elapsed share of the lifetime makes the certificate due."""
     toml = device_tree / "etc/certrotate/certrotate.toml"
     assert "[renewal]" not in toml.read_text()
     with toml.open("a") as file:
-        file.write("\n[renewal]\nlifetime_fraction = 0.000001\n")
+        file.write(RENEWAL_DUE_AT_ONCE)
 
 
 def cut_points(trace: list[str]) -> list[tuple[str, str]]:

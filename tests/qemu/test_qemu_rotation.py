@@ -7,10 +7,12 @@ operator's rotation, then one made due by the renewal policy.
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 import qemu_image as image
-from qemu_checks import assert_rotated, gateway_accepts, rotation_id_from, seed_device_config
+from qemu_checks import RENEWAL_DUE_AT_ONCE, assert_rotated, gateway_accepts, rotation_id_from, seed_device_config
 from qemu_guest import guest_est_url
 from qemu_timing import stage
 
@@ -82,9 +84,8 @@ def test_rotation_due_by_policy(device, scratch):
     old = device.identity(scratch / "old")
     config = device.vm.read(CERTROTATE_TOML)
     assert "[renewal]" not in config, config
-    # Due as soon as any of the certificate's lifetime has passed.
     device.ssh(f"cp {CERTROTATE_TOML} /root/certrotate.toml.orig && "
-               f"printf '\\n[renewal]\\nlifetime_fraction = 0.000001\\n' >> {CERTROTATE_TOML}")
+               f"printf %s {shlex.quote(RENEWAL_DUE_AT_ONCE)} >> {CERTROTATE_TOML}")
     try:
         since = device.guest_time()
         with stage(f"{device.name}: rotation due by policy (certrotate.service)"):

@@ -201,3 +201,10 @@ def test_events_validated(backend, device):
 
 def test_unknown_endpoint(backend, device):
     assert backend.gateway(device, "GET", "/nothing").status_code == 404
+
+
+def test_one_log_line_per_request(backend, device):
+    backend.gateway(device, "GET", "/device")
+    backend.gateway(device, "GET", "/nothing")
+    lines = [line for line in backend.log.splitlines() if " dev-1 GET /" in line]
+    assert len(lines) == 2 and " 200 " in lines[0] and " 404 " in lines[1]
