@@ -82,6 +82,8 @@ def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason
                          ctx.state.current.rotation_id)
             elif rotation_id:
                 rotation.supersede(ctx, rotation.check_rotation_id(rotation_id))
+            if est_server:
+                rotation.redirect_est(ctx, est_server)
             log.info("rotation %s: resuming at step %d", ctx.rotation.rotation_id, ctx.rotation.step)
         elif rotation_id and rotation_id in completed:
             log.info("rotation %s already completed: nothing to do", rotation_id)

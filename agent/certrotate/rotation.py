@@ -49,6 +49,7 @@ STEPS: list[Step] = [
     FinalizeStep(), RestartStep(), ConfirmStep(), RetireStep(),
 ]
 CONFIRM_INDEX = next(i for i, step in enumerate(STEPS) if isinstance(step, ConfirmStep))
+EST_INDEX = next(i for i, step in enumerate(STEPS) if isinstance(step, EstStep))
 
 
 class RotationFailed(Exception):
@@ -111,6 +112,21 @@ def supersede(ctx: Context, rotation_id: str) -> None:
     ctx.save(point="journal:superseded")
     log.info("rotation %s requested while %s is in progress: finishing %s first; "
              "%s will be satisfied by it", rotation_id, current.rotation_id, current.rotation_id, rotation_id)
+
+
+def redirect_est(ctx: Context, est_server: str) -> None:
+    """Use ``est_server`` for a rotation that has no certificate yet.
+
+    A rotation started against a wrong or dead EST server must not be stuck
+    with it: until the EST step has succeeded, an operator's new URL wins.
+    """
+    current = ctx.rotation
+    if est_server == current.est_server or current.step > EST_INDEX:
+        return
+    log.info("rotation %s: EST server changed from %s to %s", current.rotation_id,
+             current.est_server, est_server)
+    current.est_server = est_server
+    ctx.save(point="journal:est-server")
 
 
 def run(ctx: Context) -> None:

@@ -83,3 +83,20 @@ def test_est_server_asking_to_wait_is_exit_4_then_resumes(tmp_path, capsys):
         assert_rotated(backend, device, old, device_values={}, local_values=None)
     finally:
         backend.stop()
+
+
+def test_new_est_server_replaces_a_dead_one_before_the_certificate_is_issued(backend, tmp_path, capsys):
+    device, old = new_device(backend, tmp_path, "dev-r")
+    systemd = Systemd(str(fake_systemctl(tmp_path / "bin")))
+    dead = "https://127.0.0.1:9/.well-known/est"  # discard port: nothing listens
+    code = cli.main(["--root", str(device), "rotate", "--rotation-id", "certs-400", "--est-server", dead],
+                    sleep=lambda seconds: None, systemd=systemd)
+    assert code == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "Generate new certificate" in err and "what to do:" in err
+
+    code = cli.main(["--root", str(device), "rotate", "--est-server", backend.est_url], systemd=systemd)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_DONE, err
+    assert f"EST server changed from {dead} to {backend.est_url}" in err
+    assert_rotated(backend, device, old, device_values={}, local_values=None)
