@@ -4,7 +4,7 @@ a real `certrotate-server`, baselines measured in the same run.
 
     .venv/bin/python bench/run.py            # full run: bench/results.json, docs/benchmarks.md
     .venv/bin/python bench/run.py --quick    # short run: bench/results-quick.json only
-    .venv/bin/python bench/run.py --only rotation,footprint
+    .venv/bin/python bench/run.py --only rotation,footprint   # bench/results-partial.json only
 
 Figures are printed and written; nothing here asserts a timing.
 """
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, shorter levels, 500-device fleet")
     parser.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)}")
-    parser.add_argument("--results", type=Path, help="JSON output (default bench/results.json, "
-                                                      "bench/results-quick.json with --quick)")
+    parser.add_argument("--results", type=Path, help="JSON output (default bench/results.json; "
+                                                      "results-quick.json with --quick, "
+                                                      "results-partial.json with --only)")
     parser.add_argument("--doc", type=Path, help="Markdown file whose figures section to rewrite "
                                                   "(default docs/benchmarks.md on a full run of every section)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (factory, devices, logs)")
@@ -81,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
-    results_path = args.results or BENCH_DIR / ("results-quick.json" if args.quick else "results.json")
-    doc = args.doc or (REPO / "docs/benchmarks.md" if not args.quick and not args.only else None)
+    partial = args.quick or args.only
+    results_path = args.results or BENCH_DIR / (
+        "results-quick.json" if args.quick else "results-partial.json" if args.only else "results.json")
+    doc = args.doc or (None if partial else REPO / "docs/benchmarks.md")
 
     work = Path(tempfile.mkdtemp(prefix="certrotate-bench-"))
     started = time.perf_counter()

@@ -68,13 +68,14 @@ class Backend:
             )
         return result
 
-    def start(self, gateway_port: int = 0, est_port: int = 0) -> "Backend":
+    def start(self, gateway_port: int = 0, est_port: int = 0, workers: int = 1) -> "Backend":
         endpoints = self.dir / "endpoints.json"
         endpoints.unlink(missing_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [*server_command(), "serve", "--dir", str(self.dir),
-             "--gateway-listen", f"127.0.0.1:{gateway_port}", "--est-listen", f"127.0.0.1:{est_port}"],
+             "--gateway-listen", f"127.0.0.1:{gateway_port}", "--est-listen", f"127.0.0.1:{est_port}",
+             "--workers", str(workers)],
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()

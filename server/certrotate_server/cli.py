@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -75,14 +76,16 @@ def cmd_init(args) -> int:
 def cmd_serve(args) -> int:
     from .server import serve
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s [%(process)d] %(message)s")
     factory = _factory(args)
     try:
         gateway = listen_address(args.gateway_listen)
         est = listen_address(args.est_listen)
     except (ValueError, OSError) as err:
         raise CliError(str(err), EXIT_USAGE) from None
-    return serve(factory, gateway, est)
+    if args.workers < 1:
+        raise CliError("--workers must be at least 1", EXIT_USAGE)
+    return serve(factory, gateway, est, args.workers)
 
 
 def cmd_register(args) -> int:
@@ -98,13 +101,24 @@ def cmd_register(args) -> int:
         )
     if devices.get_device(store, args.name) is not None:
         raise CliError(f"device {args.name!r} is already registered")
+    existing_key = Path(args.out) / "var/sota/pkey.pem"
+    if existing_key.exists():
+        raise CliError(f"{existing_key} exists: {args.out} already holds a device; choose another --out")
     key = pki.new_key()
     cert = factory.issue_initial_device_cert(args.name, key.public_key())
-    with store.transaction() as conn:
-        devices.add_device(conn, args.name, cert, args.group, "register")
-    # The device's key exists only in its tree: written after the device record commits.
-    write_device_tree(factory, args.name, Path(args.out), gateway_url, est_url, key, cert,
-                      hardware_id=args.hardware_id)
+    # The device's key exists only in its tree: written before the device is recorded,
+    # so a recorded device always has its key somewhere.
+    if args.est_label and args.est_label not in factory.est.labels:
+        raise CliError(f"--est-label {args.est_label!r} is not one of this factory's labels "
+                       f"({factory.est.labels or 'none'}; see init --est-label)", EXIT_USAGE)
+    write_device_tree(factory, Path(args.out), gateway_url, est_url, key, cert,
+                      hardware_id=args.hardware_id, label=args.est_label)
+    try:
+        with store.transaction() as conn:
+            devices.add_device(conn, args.name, cert, args.group, "register")
+    except sqlite3.IntegrityError:
+        raise CliError(f"device {args.name!r} was registered meanwhile by another command; "
+                       f"the tree written in {args.out} is not registered: delete it") from None
     print(f"device {args.name!r} registered; device tree in {args.out}")
     return 0
 
@@ -296,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="run the EST server and the gateway")
     p.add_argument("--gateway-listen", default="127.0.0.1:8443", help="HOST:PORT (port 0 = any free port)")
     p.add_argument("--est-listen", default="127.0.0.1:8444", help="HOST:PORT (port 0 = any free port)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the listeners (e.g. one per CPU core; default 1)")
     p.set_defaults(func=cmd_serve)
 
     dev = sub.add_parser("devices", help="device operations").add_subparsers(dest="devices_command", required=True)
@@ -306,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-url", help="default: the running server's (endpoints.json)")
     p.add_argument("--est-url", help="default: the running server's (endpoints.json)")
     p.add_argument("--hardware-id", default="intel-corei7-64")
+    p.add_argument("--est-label", default="", help="RFC 7030 CA label the device uses (certrotate.toml est.label)")
     p.set_defaults(func=cmd_register)
     p = dev.add_parser("list", parents=[common])
     p.set_defaults(func=cmd_list)

@@ -242,7 +242,6 @@ def _toml_string(value: str) -> str:
 
 def write_device_tree(
     factory: Factory,
-    device: str,
     out: Path,
     gateway_url: str,
     est_url: str,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import ipaddress
 import os
 import string
@@ -70,10 +69,6 @@ def cert_pem(cert: x509.Certificate) -> bytes:
 
 def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
-
-
-def pubkey_fingerprint(public_key) -> str:
-    return hashlib.sha256(pubkey_der(public_key)).hexdigest()
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import resource
 import signal
 import ssl
 import threading
+import time
 
 from . import pki
 from .est import EstHandler
@@ -42,7 +44,30 @@ def _prepare_for_many_connections() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve(factory: Factory, gateway_listen: tuple[str, int], est_listen: tuple[str, int]) -> int:
+def _reap(children: list[int], timeout: float = 10) -> None:
+    """Wait for the workers told to stop; SIGKILL those still there after `timeout`."""
+    deadline = time.monotonic() + timeout
+    pending = set(children)
+    while pending and time.monotonic() < deadline:
+        pending = {pid for pid in pending if os.waitpid(pid, os.WNOHANG)[0] != pid}
+        if pending:
+            time.sleep(0.05)
+    for pid in pending:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive the process that owns endpoints.json (even a SIGKILLed one)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def serve(factory: Factory, gateway_listen: tuple[str, int], est_listen: tuple[str, int], workers: int = 1) -> int:
+    """Run both listeners in `workers` processes sharing the listening sockets
+    (forked before any thread starts); the first process owns endpoints.json."""
     _prepare_for_many_connections()
     app = App(factory)
     device_ca = str(factory.path("device-ca.crt"))
@@ -59,29 +84,46 @@ def serve(factory: Factory, gateway_listen: tuple[str, int], est_listen: tuple[s
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    app.store.close()  # no SQLite connection may cross a fork
+    parent = os.getpid()
+    children = []
+    for _ in range(workers - 1):
+        pid = os.fork()
+        if pid == 0:
+            _die_with_parent(parent)
+            children = None
+            break
+        children.append(pid)
+
     threads = [threading.Thread(target=s.serve_forever, name=name, daemon=True)
                for name, s in (("gateway", gateway), ("est", est))]
     for t in threads:
         t.start()
-    endpoints = {
-        "gateway": f"https://{_url_host(gateway_listen[0])}:{gateway.port}",
-        "est": f"https://{_url_host(est_listen[0])}:{est.port}/.well-known/est",
-        "pid": os.getpid(),
-    }
-    # The sockets listen since the servers were built: clients can connect now.
-    pki.write_public(factory.endpoints_path, (json.dumps(endpoints) + "\n").encode())
-    log.info("gateway %s, EST %s (pid %d)", endpoints["gateway"], endpoints["est"], os.getpid())
+    if children is not None:
+        endpoints = {
+            "gateway": f"https://{_url_host(gateway_listen[0])}:{gateway.port}",
+            "est": f"https://{_url_host(est_listen[0])}:{est.port}/.well-known/est",
+            "pid": parent,
+        }
+        # The sockets listen since the servers were built: clients can connect now.
+        pki.write_public(factory.endpoints_path, (json.dumps(endpoints) + "\n").encode())
+        log.info("gateway %s, EST %s (pid %d, %d worker processes)",
+                 endpoints["gateway"], endpoints["est"], parent, workers)
     try:
         while not stop.wait(0.2):
             pass
     finally:
         log.info("shutting down")
+        for pid in children or ():
+            os.kill(pid, signal.SIGTERM)
         for s in (gateway, est):
             s.shutdown()
             s.server_close()
-        try:
-            if json.loads(factory.endpoints_path.read_text()).get("pid") == os.getpid():
-                factory.endpoints_path.unlink()
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+        _reap(children or [])
+        if children is not None:
+            try:
+                if json.loads(factory.endpoints_path.read_text()).get("pid") == parent:
+                    factory.endpoints_path.unlink()
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import sqlite3
 import queue
 import threading
@@ -106,6 +107,8 @@ class Store:
         self.path = Path(path)
         self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        # Config files may hold secrets: owner-only (SQLite gives -wal/-shm the same mode).
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         self.migrate()
 
     def _open(self) -> sqlite3.Connection:

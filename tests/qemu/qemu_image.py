@@ -224,15 +224,14 @@ def device_disk(base: Path, device_tree: Path, disk: Path) -> Path:
         shutil.rmtree(tree)
 
 
-def _debugfs(disk: Path, commands: list[str]) -> str:
-    """Run debugfs commands against the (stopped) guest's root filesystem."""
-    result = subprocess.run(["debugfs", "-w", "-f", "-", root_fs_spec(disk)],
+def _debugfs(filesystem: str, commands: list[str]) -> str:
+    """Run debugfs commands against a (stopped) guest's root filesystem."""
+    result = subprocess.run(["debugfs", "-w", "-f", "-", filesystem],
                             input="\n".join(commands) + "\n", capture_output=True, text=True)
     # debugfs exits 0 even when a command fails; its complaints name the command.
-    errors = [line for line in result.stderr.splitlines()
-              if line and not line.startswith("debugfs ") and "Filesystem opened" not in line]
+    errors = [line for line in result.stderr.splitlines() if line and not line.startswith("debugfs ")]
     if result.returncode != 0 or errors:
-        raise RuntimeError(f"debugfs on {disk} failed: {result.stderr[-3000:]}")
+        raise RuntimeError(f"debugfs on {filesystem} failed: {result.stderr[-3000:]}")
     return result.stdout
 
 
@@ -242,19 +241,22 @@ def replace_offline(disk: Path, remove: list[str], add: dict[str, Path], workdir
     update of those files would.
 
     After a power cut the filesystem journal may hold unreplayed writes, so it
-    is replayed first (what the kernel does at the next mount); nothing else
-    is touched.
+    is replayed first (what the kernel does at the next mount). e2fsprogs
+    loses the partition offset when it reopens a filesystem after a replay,
+    so the root partition is worked on as a file of its own and written back.
     """
-    replay = subprocess.run(["e2fsck", "-p", "-E", "journal_only", root_fs_spec(disk)],
-                            capture_output=True, text=True)
+    workdir.mkdir(parents=True)
+    partition = workdir / "root.ext4"
+    subprocess.run(["dd", f"if={disk}", f"of={partition}", "bs=1M", f"skip={ROOT_OFFSET // MIB}",
+                    f"count={ROOT_SIZE // MIB}", "conv=sparse", "status=none"], check=True)
+    replay = subprocess.run(["e2fsck", "-p", "-E", "journal_only", str(partition)], capture_output=True, text=True)
     if replay.returncode not in (0, 1):
         raise RuntimeError(f"journal replay on {disk} failed ({replay.returncode}): {replay.stdout}{replay.stderr}")
     commands = []
     for number, guest_dir in enumerate(remove):
         dump = workdir / f"old-{number}"
-        dump.mkdir(parents=True)
-        subprocess.run(["debugfs", "-R", f"rdump {guest_dir} {dump}", root_fs_spec(disk)],
-                       check=True, capture_output=True)
+        dump.mkdir()
+        subprocess.run(["debugfs", "-R", f"rdump {guest_dir} {dump}", str(partition)], check=True, capture_output=True)
         old_copy = dump / Path(guest_dir).name
         if not old_copy.is_dir():
             raise RuntimeError(f"{guest_dir} is not a directory in {disk}'s root filesystem")
@@ -273,4 +275,8 @@ def replace_offline(disk: Path, remove: list[str], add: dict[str, Path], workdir
             kind = 0o040000 if path.is_dir() else 0o100000
             commands += [f"sif {guest_path} mode 0{kind | (path.stat().st_mode & 0o7777):o}",
                          f"sif {guest_path} uid 0", f"sif {guest_path} gid 0"]
-    _debugfs(disk, commands)
+    _debugfs(str(partition), commands)
+    # Not sparse: zero blocks of the partition must overwrite what the disk held there.
+    subprocess.run(["dd", f"if={partition}", f"of={disk}", "bs=1M", f"seek={ROOT_OFFSET // MIB}",
+                    "conv=notrunc", "status=none"], check=True)
+    partition.unlink()

@@ -51,19 +51,24 @@ def client(url: str, root_ca: str, key: str, cert: str, body: bytes, deadline: f
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process and its worker processes, from /proc."""
+    pids = [pid] + [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    total = 0
+    for p in pids:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1, help="server worker processes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         backend = Backend(Path(tmp) / "factory")
-        backend.start()
+        backend.start(workers=args.workers)
         try:
             device = backend.register("bench-1", Path(tmp) / "dev")
             key, cert = device_identity(device)
@@ -87,7 +92,8 @@ def main() -> int:
     done = sum(r[0] for r in results)
     failed = sum(r[1] for r in results)
     print(f"re-enrollments: {done} in {elapsed:.1f} s = {done / elapsed:.0f}/s "
-          f"({args.clients} client processes, new TLS connection each, {failed} failed), "
+          f"({args.workers} server processes, {args.clients} client processes, new TLS connection each, "
+          f"{failed} failed), "
           f"{multiprocessing.cpu_count()} CPUs shared by server and clients")
     if done:
         per_request = server_cpu / done * 1000

@@ -28,7 +28,7 @@ def test_demo_rotates_and_cleans_up():
     factory = Path(re.search(r"factory PKI created in (\S+);", out)[1])
     try:
         assert not (factory / "endpoints.json").exists()  # removed by the server on its way out
-        pid = int(re.search(r"\(pid (\d+)\)", (factory.parent / "factory-server.log").read_text())[1])
+        pid = int(re.search(r"\(pid (\d+)", (factory.parent / "factory-server.log").read_text())[1])
         assert not Path(f"/proc/{pid}").exists(), "the demo left its server running"
     finally:
         shutil.rmtree(factory.parent, ignore_errors=True)

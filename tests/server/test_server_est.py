@@ -201,7 +201,10 @@ def test_ca_label(tmp_path):
     backend = Backend(tmp_path / "f", "--est-label", "devices")
     backend.start()
     try:
-        device = backend.register("d", tmp_path / "d")
+        device = backend.register("d", tmp_path / "d", "--est-label", "devices")
+        assert 'label = "devices"' in (device / "etc/certrotate/certrotate.toml").read_text()
+        wrong = backend.cli("devices", "register", "e", "--out", str(tmp_path / "e"), "--est-label", "x", check=False)
+        assert wrong.returncode == 2 and "not one of this factory's labels" in wrong.stderr
         key, cert = device_identity(device)
         labelled = backend.est("POST", "devices/simplereenroll", key=key, cert=cert, headers=PKCS10,
                                data=est_body(renewal_csr(load_cert(cert), new_key())))

@@ -4,7 +4,9 @@ import json
 import os
 import stat
 import subprocess
+import time
 import tomllib
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -131,5 +133,42 @@ def test_register_refuses_duplicate_and_bad_names(backend, tmp_path):
     dup = backend.cli("devices", "register", "dev-1", "--out", str(tmp_path / "b"), check=False)
     assert dup.returncode == 1 and "already registered" in dup.stderr
     assert not (tmp_path / "b").exists()
+    occupied = backend.cli("devices", "register", "dev-2", "--out", str(tmp_path / "a"), check=False)
+    assert occupied.returncode == 1 and "already holds a device" in occupied.stderr
     bad = backend.cli("devices", "register", "../evil", "--out", str(tmp_path / "c"), check=False)
     assert bad.returncode == 1 and "not allowed" in bad.stderr
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
+def test_worker_processes_serve_and_leave_nothing(tmp_path, stop):
+    backend = Backend(tmp_path / "f")
+    backend.start(workers=3)
+    workers = _children(backend.proc.pid)
+    assert len(workers) == 2
+    device = backend.register("d", tmp_path / "d")
+    # Fresh connections land on any worker; all share one store.
+    assert all(backend.gateway(device, "GET", "/device").status_code == 200 for _ in range(12))
+    if stop == "sigterm":
+        assert backend.stop() == 0
+        assert not (backend.dir / "endpoints.json").exists()
+    else:
+        backend.kill()
+    deadline = time.monotonic() + 10
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, workers)), "a worker outlived the server"
+    backend.start()  # restarts on the same directory
+    assert backend.gateway(device, "GET", "/device").status_code == 200
+    backend.stop()

@@ -1,10 +1,14 @@
 """SQLite store: WAL, synchronous=NORMAL, versioned schema applied once."""
 
+import os
+import stat
+
 from certrotate_server.store import MIGRATIONS, Store
 
 
 def test_schema_versioned_and_pragmas(tmp_path):
     store = Store(tmp_path / "db.sqlite")
+    assert stat.S_IMODE(os.stat(tmp_path / "db.sqlite").st_mode) == 0o600
     assert store.schema_version() == MIGRATIONS[-1][0]
     with store.connection() as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
