@@ -102,10 +102,19 @@ def cpu_seconds_of(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages: how busy the machine was with
-    other work, which the figures share the 2 cores with."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+def contention() -> str:
+    """How busy the machine is with other work, which the figures share the
+    cores with: the load averages, and the share of the last 60 s in which
+    some task waited for a CPU or for I/O (Linux pressure stall information)."""
+    text = "load " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    for resource_name in ("cpu", "io"):
+        try:
+            some = Path(f"/proc/pressure/{resource_name}").read_text().splitlines()[0]
+        except OSError:
+            continue
+        avg60 = dict(field.split("=") for field in some.split()[1:])["avg60"]
+        text += f", {resource_name} pressure {avg60} %"
+    return text
 
 
 def code_version(repo: Path) -> str:

@@ -88,8 +88,9 @@ def markdown(results: dict) -> str:
                f"{'quick' if results['quick'] else 'full'} run, "
                f"{results['duration_s']:.0f} s. Machine: {m['nproc']} CPUs ({m['cpu_model']}), "
                f"{m['memory_mib']} MiB, Python {m['python']}, {m['openssl']}, Linux {m['kernel']}. "
-               f"Load average (1/5/15 min) at start {results['load_average_at_start']}, "
-               f"at end {results.get('load_average_at_end', '-')}.")
+               f"Other work on the machine at start: {results['contention_at_start']}; "
+               f"at end: {results.get('contention_at_end', '-')} (load averages over 1/5/15 min; "
+               f"pressure: share of the last minute in which some task waited).")
     out.append("")
     out.append("### Targets")
     out.append("")
@@ -169,7 +170,8 @@ def markdown(results: dict) -> str:
                 "| registered devices | bulk registration | EST re-enrollments/s | EST p50 | gateway req/s | gateway p50 |",
                 "| --- | --- | --- | --- | --- | --- |"]
         for g in registered:
-            reg = f"{g['registration_s']:.1f} s" if g.get("registration_s") is not None else "-"
+            reg = (f"{g['registration_added']} devices in {g['registration_s']:.1f} s"
+                   if g.get("registration_s") is not None else "-")
             out.append(f"| {g['registered']} | {reg} | {g['est']['per_s']:.0f} | {g['est'].get('p50_ms', '-')} ms | "
                        f"{g['gateway']['per_s']:.0f} | {g['gateway'].get('p50_ms', '-')} ms |")
     return "\n".join(out) + "\n"

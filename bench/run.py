@@ -12,13 +12,13 @@ Figures are printed and written; nothing here asserts a timing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -32,13 +32,13 @@ import growth  # noqa: E402
 import report  # noqa: E402
 import rotation  # noqa: E402
 import throughput  # noqa: E402
-from measure import code_version, load_average, machine  # noqa: E402
+from measure import code_version, contention, machine  # noqa: E402
 from steps import PointClock  # noqa: E402
 
 SECTIONS = ("rotation", "footprint", "growth_config", "backend", "fleet", "growth_registered")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Plan:
     rotation_repeats: int
     check_repeats: int
@@ -92,16 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "quick": args.quick,
-        "plan": plan.__dict__,
+        "plan": dataclasses.asdict(plan),
         "machine": machine(),
         "code": code_version(REPO),
-        "load_average_at_start": load_average(),
+        "contention_at_start": contention(),
     }
     try:
         run_sections(plan, sections, work, results)
     finally:
         results["duration_s"] = time.perf_counter() - started
-        results["load_average_at_end"] = load_average()
+        results["contention_at_end"] = contention()
         results_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         figures = report.markdown(results)
         print("\n" + figures)

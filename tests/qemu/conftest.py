@@ -46,6 +46,8 @@ def pytest_terminal_summary(terminalreporter):
     for name, seconds in timing.stages:
         terminalreporter.write_line(f"{seconds:8.1f} s  {name}")
     terminalreporter.write_line(f"{sum(s for _, s in timing.stages):8.1f} s  total of the stages above")
+    terminalreporter.write_line(f"{time.monotonic() - timing.started:8.1f} s  QEMU suite wall time "
+                                "(first QEMU fixture to this summary)")
 
 
 def _missing_prerequisites() -> list[str]:
@@ -68,6 +70,7 @@ def qemu_workdir(qemu_prerequisites, request):
     """The session's disks, VMs and backends. Not under pytest's basetemp:
     concurrent pytest runs prune /tmp/pytest-of-USER while VMs still use it.
     Removed after a run without failures, kept (and named) otherwise."""
+    timing.started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="certrotate-qemu-", dir=os.environ.get("TMPDIR", "/var/tmp")))
     failures = request.session.testsfailed
     yield workdir

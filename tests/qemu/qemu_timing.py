@@ -6,6 +6,7 @@ import time
 from contextlib import contextmanager
 
 stages: list[tuple[str, float]] = []
+started: float | None = None  # when the first QEMU fixture set up
 
 
 def record_stage(name: str, seconds: float) -> None:

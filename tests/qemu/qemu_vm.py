@@ -73,7 +73,7 @@ class VM:
                                         stdout=open(self.workdir / "qemu.log", "ab"),
                                         stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_ssh(self, timeout: float = 180) -> float:
+    def wait_ssh(self, timeout: float = 300) -> float:
         """Wait until a real ssh command succeeds (user networking accepts
         TCP long before sshd runs); returns the seconds waited."""
         started = time.monotonic()
