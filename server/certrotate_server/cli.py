@@ -14,7 +14,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from . import devices, ecies, pki
+from certrotate import ecies
+
+from . import devices, pki
 from .devices import DeviceError
 from .factory import DEFAULT_FACTORY, DEFAULT_HOSTNAMES, Factory, FactoryError, init_factory, write_device_tree
 from .httpbase import listen_address

@@ -9,7 +9,8 @@ import requests
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from backend import device_identity
-from certrotate_server import ecies, pki
+from certrotate import ecies
+from certrotate_server import pki
 from srvhelpers import certs_from_est, load_cert, new_key, pubkey_pem, reenroll, write_cert, write_key
 
 pytestmark = pytest.mark.timeout(120)
