@@ -11,26 +11,38 @@ FIGURES_END = "<!-- figures:end -->"
 
 
 def targets(results: dict) -> list[dict]:
-    """Each target of issue 6 with the measured figure and whether it is met;
-    a target whose section did not run is reported as not measured."""
+    """Each target of issue 6 with the measured figure and whether it is met
+    (targets of sections that did not run are left out). Beside wall-time
+    figures, the CPU-time figure that other load on the machine disturbs
+    less."""
     rows = []
     footprint = results.get("footprint")
     if footprint:
-        for label, prefix in (("state dir present", "check"), ("device as registered", "check_as_registered")):
-            rows.append(_row(f"`check` (nothing due, {label}) wall time vs `python -c pass`",
-                             footprint[f"{prefix}_wall_vs_floor"], 3.0, "x", lower_is_better=True))
+        floor = footprint["floor_python_c_pass"]
+        for label, key, prefix in (("state dir present", "check_nothing_due", "check"),
+                                   ("device as registered", "check_as_registered", "check_as_registered")):
+            row = _row(f"`check` (nothing due, {label}) wall time vs `python -c pass`",
+                       footprint[f"{prefix}_wall_vs_floor"], 3.0, "x", lower_is_better=True)
+            row["measured"] += f" (CPU time {footprint[key]['cpu_s'] / floor['cpu_s']:.2f}x)"
+            rows.append(row)
             rows.append(_row(f"`check` (nothing due, {label}) peak RSS vs `python -c pass`",
                              footprint[f"{prefix}_rss_vs_floor"], 2.0, "x", lower_is_better=True))
     rotation = results.get("rotation")
     if rotation:
-        row = _row("full rotation wall time (median)", rotation["rotate"]["wall_s"], 0.5, " s",
+        rotate = rotation["rotate"]
+        row = _row("full rotation wall time (median)", rotate["wall_s"], 0.5, " s",
                    lower_is_better=True, strict=True)
-        row["measured"] += f" (fastest of {rotation['rotate']['runs']}: {_fmt(rotation['rotate']['wall_s_min'])} s)"
+        row["measured"] += (f" (fastest of {rotate['runs']}: {_fmt(rotate['wall_s_min'])} s; "
+                            f"CPU {_fmt(rotate['cpu_s'])} s)")
         rows.append(row)
     backend = results.get("backend")
     if backend:
-        best = max(level["per_s"] for level in backend["est_simplereenroll"])
-        rows.append(_row("EST re-enrollments/s (best concurrency level)", best, 300, "/s", lower_is_better=False))
+        best = max(backend["est_simplereenroll"], key=lambda level: level["per_s"])
+        row = _row("EST re-enrollments/s (best concurrency level)", best["per_s"], 300, "/s", lower_is_better=False)
+        cpu_ms = best.get("server_cpu_ms_per_request")
+        if cpu_ms:
+            row["measured"] += f" (server CPU {cpu_ms} ms each: {1000 / cpu_ms:.0f}/s per core it gets)"
+        rows.append(row)
     fleet = results.get("fleet")
     if fleet:
         rows.append(_row(f"errors in the fleet run ({fleet['devices']} devices)", fleet["errors"], 0, "",

@@ -156,14 +156,14 @@ class EstHandler(BaseHandler):
             raise HttpError(409, f"device {name!r} is already enrolled with another key; renew with simplereenroll")
         self._await_approval(key, csr)
         san = pki.subject_alt_name(csr)
-        cert = self._issue(csr.subject, san.value if san else None, csr)
-        with store.transaction() as conn:
+
+        def record(conn, cert):
             if existing is None:
                 devices.add_device(conn, name, cert, None, "est-enroll")
             else:
                 devices.record_certificate(conn, cert, name, "est-enroll")
-            conn.execute("DELETE FROM enrollment_requests WHERE pubkey = ?", (key,))
-        self.send_b64(pki.certs_only_pkcs7([cert]), PKCS7_CERTS_ONLY)
+
+        self._issue(csr.subject, san.value if san else None, csr, key, record)
 
     def simplereenroll(self):
         """Renewal: the CSR's Subject and SAN equal the authenticating certificate's, byte for byte."""
@@ -188,16 +188,20 @@ class EstHandler(BaseHandler):
         cert_san_der = cert_san.value.public_bytes() if cert_san else None
         if csr_san_der != cert_san_der:
             raise HttpError(400, "CSR subjectAltName differs from the certificate's; copy it byte for byte")
-        self._await_approval(pki.pubkey_pem(csr.public_key()), csr)
-        cert = self._issue(current.subject, cert_san.value if cert_san else None, csr)
-        with store.transaction() as conn:
-            devices.record_certificate(conn, cert, name, "est-reenroll")
-            conn.execute("DELETE FROM enrollment_requests WHERE pubkey = ?", (pki.pubkey_pem(csr.public_key()),))
-        self.send_b64(pki.certs_only_pkcs7([cert]), PKCS7_CERTS_ONLY)
+        key = pki.pubkey_pem(csr.public_key())
+        self._await_approval(key, csr)
+        self._issue(current.subject, cert_san.value if cert_san else None, csr, key,
+                    lambda conn, cert: devices.record_certificate(conn, cert, name, "est-reenroll"))
 
-    def _issue(self, subject, san, csr) -> x509.Certificate:
+    def _issue(self, subject, san, csr, key: str, record) -> None:
+        """Issue the certificate, store it with ``record(conn, cert)`` (an approval it
+        used is spent in the same transaction), then reply with it."""
         ca_cert, ca_key = self.server.app.factory.device_ca()
-        return pki.issue_device_cert(subject, san, csr.public_key(), ca_cert, ca_key, self.settings.validity_days)
+        cert = pki.issue_device_cert(subject, san, csr.public_key(), ca_cert, ca_key, self.settings.validity_days)
+        with self.server.app.store.transaction() as conn:
+            record(conn, cert)
+            conn.execute("DELETE FROM enrollment_requests WHERE pubkey = ?", (key,))
+        self.send_b64(pki.certs_only_pkcs7([cert]), PKCS7_CERTS_ONLY)
 
     def _await_approval(self, key: str, csr) -> None:
         """Manual-approval mode: park the request until an operator approves it (202 + Retry-After)."""

@@ -217,6 +217,11 @@ def server_context(cert_file, key_file, verify_mode, ca_files=()) -> ssl.SSLCont
         ctx.load_verify_locations(ca)
     # The device CA is trusted on its own: client chains end there.
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    # No session tickets: devices open a fresh connection per rotation step and never
+    # resume, and issuing two TLS 1.3 tickets per handshake costs the server ~40% of
+    # the handshake's CPU (measured; see tests/server/measure_reenroll.py).
+    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_TICKET
     return ctx
 
 

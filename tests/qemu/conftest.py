@@ -116,10 +116,11 @@ def base_tree(qemu_workdir, ssh_key, install_layer_payload) -> Path:
         return base
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def make_guest(base_tree, ssh_key, qemu_workdir):
     """Factory: register a device with ``backend`` for the guest's view of the
-    host (10.0.2.2) and build its disk. Booting is the caller's."""
+    host (10.0.2.2) and build its disk. Booting is the caller's; guests still
+    running when the module ends are powered off."""
     guests: list[Guest] = []
 
     def make(name: str, backend, prepare_device=None) -> Guest:

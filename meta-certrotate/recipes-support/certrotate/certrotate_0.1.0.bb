@@ -6,10 +6,8 @@ DESCRIPTION = "certrotate renews the device's aktualizr-lite/fioconfig client \
 HOMEPAGE = "https://github.com/certrotate/certrotate"
 BUGTRACKER = "https://github.com/certrotate/certrotate/issues"
 SECTION = "admin"
-LICENSE = "Apache-2.0"
-# The agent states its license in agent/pyproject.toml (tests/layer checks
-# that these lines still say Apache-2.0).
-LIC_FILES_CHKSUM = "file://agent/pyproject.toml;beginline=11;endline=11;md5=b785a1f4e1ff6e5da7331358b80f813b"
+LICENSE = "MIT"
+LIC_FILES_CHKSUM = "file://agent/LICENSE;md5=992c6683193134864c76716a34638229"
 CVE_PRODUCT = "certrotate"
 
 # The agent is built from agent/ of the repository this layer lives in,
