@@ -113,7 +113,8 @@ def cmd_check(args, edges: Edges) -> int:
     state_dir = root(agent.state_dir)
     if not _rotation_in_progress(state_dir):
         if _events_queued(state_dir):
-            return deliver_only(edges)
+            # Events a gateway keeps refusing must not stop renewals: the policy still applies.
+            deliver_only(edges)
         sota = load_sota(root)
         cert_file = root(sota.cert_file)
         validity = policy.cached_validity(state_dir, cert_file) or policy.read_validity(state_dir, cert_file)
@@ -143,8 +144,8 @@ def _events_queued(state_dir) -> bool:
         return False
 
 
-def deliver_only(edges: Edges) -> int:
-    """Deliver the events an earlier run could not; nothing else is due."""
+def deliver_only(edges: Edges) -> None:
+    """Deliver the events an earlier run could not (one attempt; failures are logged)."""
     from . import rotation
 
     ctx = open_context(edges)
@@ -152,7 +153,6 @@ def deliver_only(edges: Edges) -> int:
         rotation.deliver_events(ctx)
     finally:
         ctx.journal.unlock()
-    return EXIT_DONE
 
 
 def cmd_handler(args, edges: Edges) -> int:
@@ -229,6 +229,13 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.tim
     edges = Edges(Root(args.root), clock=clock, sleep=sleep, systemd=systemd)
     try:
         return args.func(args, edges)
+    except OSError as err:
+        # Outside a step (lock, journal, state and config directories): the operator
+        # needs the path and the reason, not a traceback.
+        log.error("error: %s", err)
+        log.error("what to do: check that path (permissions, free space, a file where a "
+                  "directory belongs) and run certrotate again")
+        return EXIT_USAGE
     except Exception as err:
         hint = getattr(err, "hint", None)
         if hint is None:

@@ -124,6 +124,11 @@ class Journal:
                 f"{self.path} has schema {schema!r}; this agent knows up to {SCHEMA}",
                 hint="a newer agent wrote it: install that version or newer",
             )
+        if schema < SCHEMA and schema not in _UPGRADES:
+            raise JournalError(
+                f"{self.path} has schema {schema}, which no certrotate version wrote",
+                hint="inspect it; if no rotation is under way, move it aside and run again",
+            )
         while schema < SCHEMA:
             data = _UPGRADES[schema](data)
             schema += 1

@@ -59,11 +59,11 @@ class ConfirmStep(Step):
                 restored = localconfig.reencrypt(current, [ctx.new_key(), old_key], old_key.public_key(), device_path)
                 fsutil.atomic_write(target, localconfig.dump(restored), 0o600, point="confirm:revert-config")
         rotation.restarted = False
-        units = [unit for unit in ctx.agent.restart if ctx.systemd.is_active(unit)]
         try:
-            ctx.systemd.restart(units)
+            ctx.systemd.restart(ctx.systemd.active(ctx.agent.restart))
         except Exception as err:  # the revert stands; the operator learns the units need a restart
-            log.error("confirm: restarting %s on the old identity failed: %s", ", ".join(units), err)
+            log.error("confirm: restarting %s on the old identity failed: %s",
+                      ", ".join(ctx.agent.restart), err)
 
 
 def _refusal(ctx: Context, identity, point: str) -> str | None:

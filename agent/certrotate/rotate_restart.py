@@ -26,7 +26,7 @@ class RestartStep(Step):
         if rotation.restarted:
             log.info("restart: already done for this rotation")
             return
-        units = [unit for unit in ctx.agent.restart if ctx.systemd.is_active(unit)]
+        units = ctx.systemd.active(ctx.agent.restart)
         rotation.restarted = True
         ctx.save(point="restart:journal")
         try:

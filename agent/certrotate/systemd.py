@@ -11,6 +11,10 @@ import subprocess
 from typing import Callable, Sequence
 
 
+# What `systemctl is-active` prints for a unit that is running (it exits 0 for these).
+ACTIVE_STATES = ("active", "reloading")
+
+
 class SystemdError(Exception):
     def __init__(self, message: str, *, hint: str):
         super().__init__(message)
@@ -37,8 +41,21 @@ class Systemd:
                 hint="check the units with systemctl status",
             ) from err
 
-    def is_active(self, unit: str) -> bool:
-        return self._call(["is-active", "--quiet", unit]).returncode == 0
+    def active(self, units: Sequence[str]) -> list[str]:
+        """Those of ``units`` that are active, asked in one systemctl call (a fork each
+        would add tens of milliseconds to every rotation on a small device)."""
+        if not units:
+            return []
+        result = self._call(["is-active", *units])
+        states = result.stdout.split()
+        if len(states) != len(units):
+            raise SystemdError(
+                f"systemctl is-active {' '.join(units)} printed {result.stdout.strip()[:200]!r} "
+                f"({result.stderr.strip()[:300] or 'nothing on stderr'}); one state per unit was expected",
+                hint="check that systemd runs and answers (systemctl is-active UNIT...); units "
+                "that need no restart can be left out of [services] restart in certrotate.toml",
+            )
+        return [unit for unit, state in zip(units, states) if state in ACTIVE_STATES]
 
     def restart(self, units: Sequence[str]) -> None:
         if not units:

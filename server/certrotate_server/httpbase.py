@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import socket
 import ssl
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,6 +22,8 @@ log = logging.getLogger("certrotate_server")
 
 # Idle keep-alive connections and stalled handshakes are dropped after this.
 SOCKET_TIMEOUT = 30
+# A connection thread with no next connection for this long ends.
+IDLE_THREAD_SECONDS = 60
 # Oversized bodies up to this much beyond the limit are read and dropped before the 413.
 DRAIN_LIMIT = 4 * 1024 * 1024
 
@@ -33,16 +37,51 @@ class HttpError(Exception):
 
 
 class TlsHttpServer(ThreadingHTTPServer):
+    """A thread per connection, as many as there are connections; threads are reused.
+
+    Starting a thread costs more CPU than a re-enrollment's own Python code, so a
+    thread that has served its connection waits up to IDLE_THREAD_SECONDS for the
+    next one; a new thread starts only when none is waiting.
+    """
+
     daemon_threads = True
     request_queue_size = 4096
     allow_reuse_address = True
 
     def __init__(self, address, handler_class, context: ssl.SSLContext, app):
         self.app = app
+        self._handoff: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting = 0  # threads waiting on _handoff and not yet given a connection
+        self._waiting_lock = threading.Lock()
         super().__init__(address, handler_class)
         self.socket = context.wrap_socket(
             self.socket, server_side=True, do_handshake_on_connect=False
         )
+
+    def process_request(self, request, client_address):
+        with self._waiting_lock:
+            if self._waiting:
+                self._waiting -= 1
+                self._handoff.put((request, client_address))
+                return
+        threading.Thread(target=self._serve_connections, args=(request, client_address),
+                         daemon=True).start()
+
+    def _serve_connections(self, request, client_address):
+        while True:
+            self.process_request_thread(request, client_address)
+            with self._waiting_lock:
+                self._waiting += 1
+            try:
+                request, client_address = self._handoff.get(timeout=IDLE_THREAD_SECONDS)
+            except queue.Empty:
+                with self._waiting_lock:
+                    # A connection handed off just as the wait ended is still ours.
+                    try:
+                        request, client_address = self._handoff.get_nowait()
+                    except queue.Empty:
+                        self._waiting -= 1
+                        return
 
     def get_request(self):
         conn, addr = self.socket.accept()

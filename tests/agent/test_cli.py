@@ -69,6 +69,25 @@ def test_check_starts_a_rotation_when_due_and_reports_the_failing_step(tmp_path,
     assert list(device.state_dir.glob("*.key")) == [key_file]
 
 
+def test_events_the_gateway_refuses_do_not_stop_a_due_renewal(tmp_path, capsys):
+    from certrotate.events import EventQueue
+
+    pki = TestPki()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    old = pki.device(not_before=now - 300 * DAY, not_after=now + 60 * DAY)
+    device = write_device_tree(tmp_path / "dev", pki, identity=old, gateway_url="https://127.0.0.1:1",
+                               est_url="https://127.0.0.1:1/.well-known/est")
+    EventQueue(device.state_dir, clock=lambda: 0.0).queue(
+        "CertRotationCompleted", "certs-1", success=True, point="test:event")
+    code = cli.main(["--root", str(device.root), "check"], sleep=no_sleep)
+    err = capsys.readouterr().err
+    # Delivery failed (nothing listens on port 1), and the due rotation still started.
+    assert "events: 1 kept for a later run" in err
+    assert "due for renewal" in err
+    assert code == cli.EXIT_FAILED
+    assert json.loads((device.state_dir / "state.json").read_text())["current"]["step"] == 1
+
+
 def test_missing_configuration_is_exit_2_with_a_hint(tmp_path, capsys):
     assert cli.main(["--root", str(tmp_path), "rotate"]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
@@ -81,6 +100,18 @@ def test_rotate_without_est_server_is_exit_2(device, capsys):
     assert "no EST server configured" in capsys.readouterr().err
     assert json.loads((device.state_dir / "state.json").read_text() if (device.state_dir / "state.json").exists()
                       else '{"current": null}')["current"] is None
+
+
+def test_unusable_state_dir_is_exit_2_naming_the_path(device, capsys):
+    blocker = device.root / "var/sota/blocked"
+    blocker.write_text("a file where the state directory belongs")
+    device.certrotate_toml.write_text(
+        device.certrotate_toml.read_text() + '\n[storage]\nstate_dir = "/var/sota/blocked"\n')
+    assert cli.main(["--root", str(device.root), "rotate"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert str(blocker) in err and "what to do: check that path" in err
+    assert "Traceback" not in err
+    assert blocker.read_text() == "a file where the state directory belongs"
 
 
 def test_bad_rotation_id_is_exit_2(device, capsys):

@@ -43,6 +43,13 @@ def test_newer_schema_is_refused_with_a_hint(tmp_path):
     assert "newer agent" in err.value.hint
 
 
+def test_schema_no_version_wrote_is_refused_with_a_hint(tmp_path):
+    (tmp_path / "state.json").write_text('{"schema": 0, "current": null}')
+    with pytest.raises(JournalError, match="schema 0, which no certrotate version wrote") as err:
+        Journal(tmp_path).load()
+    assert "move it aside" in err.value.hint
+
+
 def test_corrupt_state_is_reported(tmp_path):
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(JournalError, match="corrupt"):

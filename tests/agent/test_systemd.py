@@ -3,26 +3,50 @@ import pytest
 from certrotate.systemd import Systemd, SystemdError
 
 
-def fake(tmp_path, restart_status=0):
+def fake(tmp_path, restart_status=0, states=None):
+    """A systemctl that answers is-active like the real one: one state a line per unit,
+    exit 0 when one of them is active; ``states`` replaces that output."""
     script = tmp_path / "systemctl"
     log = tmp_path / "calls"
+    is_active = (
+        f"printf '{states}'; exit 0" if states is not None else
+        'shift; s=3; for u in "$@"; do if [ "$u" = a.service ]; then echo active; s=0; '
+        'elif [ "$u" = r.service ]; then echo reloading; s=0; else echo inactive; fi; done; exit $s'
+    )
     script.write_text(
         f'#!/bin/sh\necho "$*" >> {log}\n'
-        'case "$1" in is-active) [ "$3" = "a.service" ] && exit 0; exit 3 ;;\n'
+        f'case "$1" in is-active) {is_active} ;;\n'
         f'  restart) echo "unit failed" >&2; exit {restart_status} ;; esac\nexit 1\n'
     )
     script.chmod(0o755)
     return Systemd(str(script)), log
 
 
-def test_is_active_and_restart(tmp_path):
+def test_active_and_restart(tmp_path):
     systemd, log = fake(tmp_path)
-    assert systemd.is_active("a.service") is True
-    assert systemd.is_active("b.service") is False
+    assert systemd.active(["a.service", "b.service", "r.service"]) == ["a.service", "r.service"]
+    assert systemd.active(["b.service"]) == []
+    assert systemd.active([]) == []
     systemd.restart(["a.service"])
     systemd.restart([])
+    # One systemctl call per question, none when there is nothing to ask.
     assert log.read_text().splitlines() == [
-        "is-active --quiet a.service", "is-active --quiet b.service", "restart a.service"]
+        "is-active a.service b.service r.service", "is-active b.service", "restart a.service"]
+
+
+def test_unexpected_is_active_output_is_an_error(tmp_path):
+    systemd, _ = fake(tmp_path, states="active\\n")
+    with pytest.raises(SystemdError, match="one state per unit") as err:
+        systemd.active(["a.service", "b.service"])
+    assert "systemctl is-active" in err.value.hint
+
+
+def test_systemd_not_answering_is_an_error_quoting_it(tmp_path):
+    script = tmp_path / "systemctl"
+    script.write_text('#!/bin/sh\necho "Failed to connect to bus: Host is down" >&2\nexit 1\n')
+    script.chmod(0o755)
+    with pytest.raises(SystemdError, match="Failed to connect to bus"):
+        Systemd(str(script)).active(["a.service"])
 
 
 def test_restart_failure_says_what_to_do(tmp_path):
@@ -34,4 +58,4 @@ def test_restart_failure_says_what_to_do(tmp_path):
 
 def test_missing_systemctl(tmp_path):
     with pytest.raises(SystemdError, match="not found"):
-        Systemd(str(tmp_path / "nope")).is_active("a.service")
+        Systemd(str(tmp_path / "nope")).active(["a.service"])

@@ -43,7 +43,12 @@ def fake_systemctl(directory: Path, active: tuple[str, ...] = ("aktualizr-lite.s
         "#!/bin/sh\n"
         f'echo "$*" >> "{log}"\n'
         'case "$1" in\n'
-        f'  is-active) for u in {units}; do [ "$u" = "$3" ] && exit 0; done; exit 3 ;;\n'
+        # As systemctl does: one state per unit asked, exit 0 when one of them is active.
+        '  is-active) shift; status=3\n'
+        '    for u in "$@"; do\n'
+        f'      case " {units} " in *" $u "*) echo active; status=0 ;; *) echo inactive ;; esac\n'
+        '    done\n'
+        '    exit $status ;;\n'
         "  restart) exit 0 ;;\n"
         "esac\n"
         "exit 1\n"

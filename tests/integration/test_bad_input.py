@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from agentdevice import OldIdentity, active_identity, assert_rotated, fake_systemctl, run_agent
-from backend import Backend
 from estfaults import Answer, FaultyEst, Request, b64_lines, certs_answer
 from pki import DAY, Authority, TestPki, device_name, new_key, utcnow
 
@@ -101,21 +100,10 @@ def load_authority(directory: Path, name: str) -> Authority:
     return Authority(key, x509.load_pem_x509_certificate((directory / f"{name}.crt").read_bytes()))
 
 
-@pytest.fixture(scope="module")
-def factory(tmp_path_factory):
-    """One real backend for the module; each test registers its own device."""
-    backend = Backend(tmp_path_factory.mktemp("bad-input") / "factory")
-    backend.start()
-    try:
-        yield backend
-    finally:
-        backend.stop()
-
-
 @pytest.fixture
-def faulty(factory, tmp_path):
-    root = load_authority(factory.dir, "root")
-    device_ca = load_authority(factory.dir, "device-ca")
+def faulty(module_backend, tmp_path):
+    root = load_authority(module_backend.dir, "root")
+    device_ca = load_authority(module_backend.dir, "device-ca")
     with FaultyEst(root, device_ca, tmp_path / "faulty-est") as server:
         yield server
 
@@ -139,10 +127,10 @@ def only_reenroll(server: FaultyEst, fault):
     return answer
 
 
-def fail_then_resume(factory, server: FaultyEst, tmp_path: Path, name: str, expected: str,
+def fail_then_resume(backend, server: FaultyEst, tmp_path: Path, name: str, expected: str,
                      fix=lambda: None):
     """Run the agent against the faulty server, check the failure, fix the server, run again."""
-    device = factory.register(name, tmp_path / name)
+    device = backend.register(name, tmp_path / name)
     old = OldIdentity(device, tmp_path / "old")
     before = device_files(device)
     bin_dir = tmp_path / "bin"
@@ -157,7 +145,7 @@ def fail_then_resume(factory, server: FaultyEst, tmp_path: Path, name: str, expe
     # The old identity is untouched and still good at the gateway.
     assert device_files(device) == before
     assert active_identity(device) == (old.device_key_file, device / "var/sota/client.pem")
-    assert factory.gateway(device, "GET", "/device").status_code == 200
+    assert backend.gateway(device, "GET", "/device").status_code == 200
     status = json.loads(run_agent(device, "status", "--json", bin_dir=bin_dir).stdout)
     assert status["rotation"]["last_error"]["step"] == STEP
     assert re.search(expected, status["rotation"]["last_error"]["message"])
@@ -165,27 +153,27 @@ def fail_then_resume(factory, server: FaultyEst, tmp_path: Path, name: str, expe
     # The EST server is fixed: the same rotation resumes and completes.
     key_file, cert_file = active_identity(device)
     fix()
-    server.forward_to(factory.est_url, factory.root_ca, (cert_file, key_file))
+    server.forward_to(backend.est_url, backend.root_ca, (cert_file, key_file))
     resumed = run_agent(device, "rotate", bin_dir=bin_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step 1" in resumed.stderr
-    assert_rotated(factory, device, old, device_values={}, local_values=None)
+    assert_rotated(backend, device, old, device_values={}, local_values=None)
     return failed
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_est_reply(case, factory, faulty, tmp_path):
+def test_bad_est_reply(case, module_backend, faulty, tmp_path):
     fault, expected = CASES[case]
     faulty.answer = only_reenroll(faulty, fault)
     name = re.sub(r"[^a-z0-9]+", "-", case.lower()).strip("-")
-    fail_then_resume(factory, faulty, tmp_path, name, expected)
+    fail_then_resume(module_backend, faulty, tmp_path, name, expected)
 
 
-def test_est_server_certificate_naming_another_host(factory, tmp_path):
-    root = load_authority(factory.dir, "root")
-    device_ca = load_authority(factory.dir, "device-ca")
+def test_est_server_certificate_naming_another_host(module_backend, tmp_path):
+    root = load_authority(module_backend.dir, "root")
+    device_ca = load_authority(module_backend.dir, "device-ca")
     with FaultyEst(root, device_ca, tmp_path / "faulty-est", names=("est.elsewhere.example",)) as server:
-        fail_then_resume(factory, server, tmp_path, "wrong-host",
+        fail_then_resume(module_backend, server, tmp_path, "wrong-host",
                          r"EST simplereenroll: TLS handshake with 127\.0\.0\.1:\d+ failed: .*"
                          r"(Hostname mismatch|IP address mismatch|doesn't match)",
                          fix=lambda: server.use_names(("127.0.0.1",)))

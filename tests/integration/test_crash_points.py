@@ -17,21 +17,10 @@ import signal
 import pytest
 
 from agentdevice import assert_rotated, event_lines, fake_systemctl, new_device, run_agent
-from backend import Backend
 
 CHECK_RUNS = 5
 DEVICE_VALUES = {"db-password": "hunter2"}
 LOCAL_VALUES = {"db-password": "hunter2", "wifi": "psk"}
-
-
-@pytest.fixture(scope="module")
-def shared_backend(tmp_path_factory):
-    server = Backend(tmp_path_factory.mktemp("crash") / "factory")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def configured_device(backend, tmp_path, name):
@@ -44,8 +33,8 @@ def last_event(backend, name, rotation_id):
 
 
 @pytest.mark.timeout(1200)
-def test_every_crash_point_recovers(shared_backend, tmp_path):
-    backend = shared_backend
+def test_every_crash_point_recovers(module_backend, tmp_path):
+    backend = module_backend
     bin_dir = tmp_path / "bin"
     fake_systemctl(bin_dir)
 

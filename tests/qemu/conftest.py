@@ -39,15 +39,20 @@ PAYLOAD_OVERRIDES = {"CERTROTATE_FIOCONFIG_HANDLER": "renew-client-cert"}
 REQUIRED_COMMANDS = ("qemu-system-x86_64", "mmdebstrap", "zstd", "mkfs.ext4", "e2fsck", "debugfs",
                      "mkfs.vfat", "mcopy", "sfdisk", "ssh", "ssh-keygen", "chroot")
 
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and os.path.basename(report.nodeid.split("::")[0]).startswith("test_qemu_"):
+        record_stage(f"test {report.nodeid.rsplit('::', 1)[-1]} ({report.outcome})", report.duration)
+
+
 def pytest_terminal_summary(terminalreporter):
     if not timing.stages:
         return
     terminalreporter.section("QEMU stage timings")
     for name, seconds in timing.stages:
         terminalreporter.write_line(f"{seconds:8.1f} s  {name}")
-    terminalreporter.write_line(f"{sum(s for _, s in timing.stages):8.1f} s  total of the stages above")
     terminalreporter.write_line(f"{time.monotonic() - timing.started:8.1f} s  QEMU suite wall time "
-                                "(first QEMU fixture to this summary)")
+                                "(first QEMU fixture to this summary; stages above overlap)")
 
 
 def _missing_prerequisites() -> list[str]:
@@ -132,7 +137,7 @@ def make_guest(base_tree, ssh_key, qemu_workdir):
             prepare_device(device_tree)
         with stage(f"{name}: disk image"):
             disk = image.device_disk(base_tree, device_tree, workdir / "disk.raw")
-        guest = Guest(name, VM(disk, workdir / "vm", ssh_key), device_tree, backend)
+        guest = Guest(name, VM(disk, workdir / "vm", ssh_key), backend)
         guests.append(guest)
         return guest
 

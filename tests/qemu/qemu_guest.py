@@ -43,10 +43,9 @@ class Identity:
 class Guest:
     """One device: its disk and VM, and its registration with ``backend``."""
 
-    def __init__(self, name: str, vm: VM, device_tree: Path, backend):
+    def __init__(self, name: str, vm: VM, backend):
         self.name = name
         self.vm = vm
-        self.device_tree = device_tree
         self.backend = backend
 
     # -- power ---------------------------------------------------------------
