@@ -195,6 +195,11 @@ def load_agent(root: Root) -> AgentConfig:
             hint="use e.g. 0.667 to renew when two thirds of the validity has elapsed",
         )
     config.max_age_days = pick("renewal", "max_age_days", float, config.max_age_days)
+    if not config.max_age_days > 0:
+        raise ConfigError(
+            f"{CERTROTATE_TOML}: renewal.max_age_days must be more than 0, not {config.max_age_days:g}",
+            hint="use e.g. 365 to renew certificates older than a year",
+        )
     config.restart = pick("services", "restart", list, config.restart)
     if not all(isinstance(unit, str) for unit in config.restart):
         raise ConfigError(

@@ -25,6 +25,7 @@ log = logging.getLogger("certrotate")
 QUEUE_DIR = "events"
 STARTED = "CertRotationStarted"
 COMPLETED = "CertRotationCompleted"
+BATCH = 100  # events per POST /events: ~30 KiB, far below a gateway's body limit
 
 
 def current_target(path: Path) -> tuple[str, str]:
@@ -73,28 +74,33 @@ class EventQueue:
         return event
 
     def deliver(self, post: Callable[[list[dict]], None]) -> bool:
-        """Send every queued event with ``post`` (one attempt); True when the queue is empty."""
+        """Send the queued events with ``post``, oldest first, at most BATCH per call (a
+        long queue must not outgrow the gateway's body limit); one attempt each, stopping
+        at the first failure. True when the queue is empty."""
         files = self.pending()
-        if not files:
-            return True
-        events = []
-        for path in files:
+        delivered = 0
+        while files:
+            batch, files = files[:BATCH], files[BATCH:]
+            events = []
+            for path in batch:
+                try:
+                    events.append(json.loads(path.read_bytes()))
+                except ValueError:
+                    log.warning("dropping unreadable queued event %s", path.name)
+                    path.unlink()
             try:
-                events.append(json.loads(path.read_bytes()))
-            except ValueError:
-                log.warning("dropping unreadable queued event %s", path.name)
-                path.unlink()
-        try:
-            post(events)
-        except Exception as err:  # delivery must never fail the rotation
-            log.warning("events: %d kept for a later run: %s", len(events), err)
-            return False
-        crashpoints.reach("events:delivered")
-        for path in files:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        fsutil.fsync_dir(self.dir)
-        log.info("events: delivered %d", len(events))
+                post(events)
+            except Exception as err:  # delivery must never fail the rotation
+                log.warning("events: %d kept for a later run: %s", len(events) + len(files), err)
+                return False
+            crashpoints.reach("events:delivered")
+            for path in batch:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            fsutil.fsync_dir(self.dir)
+            delivered += len(events)
+        if delivered:
+            log.info("events: delivered %d", delivered)
         return True

@@ -38,12 +38,18 @@ def test_check_with_nothing_due_is_quiet_and_imports_nothing_heavy(device):
     assert device.state_dir.stat().st_mode & 0o777 == 0o700
 
 
-def test_check_starts_a_rotation_when_due_and_reports_the_failing_step(tmp_path, capsys):
+def due_device(tmp_path):
+    """A device whose certificate is due (300 of its 360 days elapsed); nothing listens
+    at its gateway and EST URLs."""
     pki = TestPki()
     now = datetime.datetime.now(datetime.timezone.utc)
     old = pki.device(not_before=now - 300 * DAY, not_after=now + 60 * DAY)
-    device = write_device_tree(tmp_path / "dev", pki, identity=old, gateway_url="https://127.0.0.1:1",
-                               est_url="https://127.0.0.1:1/.well-known/est")
+    return write_device_tree(tmp_path / "dev", pki, identity=old, gateway_url="https://127.0.0.1:1",
+                             est_url="https://127.0.0.1:1/.well-known/est")
+
+
+def test_check_starts_a_rotation_when_due_and_reports_the_failing_step(tmp_path, capsys):
+    device = due_device(tmp_path)
     code = cli.main(["--root", str(device.root), "check"], sleep=no_sleep)
     assert code == cli.EXIT_FAILED
     err = capsys.readouterr().err
@@ -72,11 +78,7 @@ def test_check_starts_a_rotation_when_due_and_reports_the_failing_step(tmp_path,
 def test_events_the_gateway_refuses_do_not_stop_a_due_renewal(tmp_path, capsys):
     from certrotate.events import EventQueue
 
-    pki = TestPki()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    old = pki.device(not_before=now - 300 * DAY, not_after=now + 60 * DAY)
-    device = write_device_tree(tmp_path / "dev", pki, identity=old, gateway_url="https://127.0.0.1:1",
-                               est_url="https://127.0.0.1:1/.well-known/est")
+    device = due_device(tmp_path)
     EventQueue(device.state_dir, clock=lambda: 0.0).queue(
         "CertRotationCompleted", "certs-1", success=True, point="test:event")
     code = cli.main(["--root", str(device.root), "check"], sleep=no_sleep)

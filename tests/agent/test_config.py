@@ -82,6 +82,8 @@ def test_agent_config_defaults_and_values(device, tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("[renewal]\nlifetime_fraction = 2\n", "lifetime_fraction must be in"),
     ("[renewal]\nmax_age_days = \"x\"\n", "max_age_days must be a float"),
+    ("[renewal]\nmax_age_days = 0\n", "max_age_days must be more than 0, not 0"),
+    ("[renewal]\nmax_age_days = -5\n", "max_age_days must be more than 0, not -5"),
     ("[services]\nrestart = [1]\n", "list of unit names"),
     ("est = 1\n", "est must be a table"),
 ])

@@ -1,6 +1,6 @@
 import json
 
-from certrotate.events import COMPLETED, STARTED, EventQueue, current_target
+from certrotate.events import BATCH, COMPLETED, STARTED, EventQueue, current_target
 
 
 def test_queue_writes_fioconfig_events_in_order(tmp_path):
@@ -35,6 +35,31 @@ def test_failed_delivery_keeps_the_queue_and_a_later_run_sends_all_in_order(tmp_
     assert [[e["eventType"]["id"] for e in batch] for batch in sent] == [[STARTED, COMPLETED]]
     assert later.pending() == []
     assert later.deliver(sent.append) is True and len(sent) == 1  # nothing left to send
+
+
+def test_a_long_queue_goes_in_bounded_batches_in_order(tmp_path):
+    queue = EventQueue(tmp_path, clock=lambda: 0.0)
+    count = 2 * BATCH + 5
+    for number in range(count):
+        queue.queue(STARTED, f"certs-{number}", success=True, point="t")
+    sent = []
+
+    def second_batch_fails(batch):
+        if sent:
+            raise ConnectionError("gateway down")
+        sent.append(batch)
+
+    # The first batch goes; the failure keeps the rest, oldest first.
+    assert queue.deliver(second_batch_fails) is False
+    assert [e["event"]["correlationId"] for e in sent[0]] == [f"certs-{n}" for n in range(BATCH)]
+    assert len(queue.pending()) == count - BATCH
+    assert json.loads(queue.pending()[0].read_text())["event"]["correlationId"] == f"certs-{BATCH}"
+    later = []
+    assert queue.deliver(later.append) is True
+    assert [len(batch) for batch in later] == [BATCH, 5]
+    assert [e["event"]["correlationId"] for batch in later for e in batch] == [
+        f"certs-{n}" for n in range(BATCH, count)]
+    assert queue.pending() == []
 
 
 def test_sequence_continues_after_delivery(tmp_path):

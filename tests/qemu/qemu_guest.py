@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from dataclasses import dataclass
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 from qemu_timing import record_stage
@@ -74,7 +74,7 @@ class Guest:
         imports = self.sota()["import"]
         return imports["tls_pkey_path"], imports["tls_clientcert_path"]
 
-    def identity(self, workdir: Path) -> "Identity":
+    def identity(self, workdir: Path) -> Identity:
         """The key and certificate sota.toml names, copied to ``workdir`` on the host."""
         key_path, cert_path = self.identity_paths()
         workdir.mkdir(parents=True, exist_ok=True)
