@@ -134,10 +134,14 @@ class EstHandler(BaseHandler):
         return user == self.settings.username and self.settings.password_ok(password)
 
     def simpleenroll(self):
-        """Initial enrollment: HTTP Basic credentials or a bootstrap (device CA) certificate."""
-        bootstrap = self._device_cert()
-        if bootstrap is None and not self._basic_auth_ok():
-            raise HttpError(401, "authenticate with the factory's EST credentials (HTTP Basic) or a bootstrap certificate",
+        """Initial enrollment, with the factory's EST credentials (HTTP Basic).
+
+        A device certificate is no credential here: it would let any device
+        enroll new device names. A device renews its own with simplereenroll.
+        """
+        if not self._basic_auth_ok():
+            raise HttpError(401, "authenticate with the factory's EST credentials (HTTP Basic); "
+                            "a device renews its certificate with simplereenroll",
                             {"WWW-Authenticate": 'Basic realm="certrotate EST"'})
         csr = self._read_csr()
         cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)

@@ -89,11 +89,13 @@ def test_simpleenroll_refuses_without_or_with_wrong_credentials(backend):
     assert wrong.status_code == 401
 
 
-def test_simpleenroll_with_bootstrap_certificate(backend, device):
+def test_simpleenroll_refuses_a_device_certificate_as_credential(backend, device):
     key, cert = device_identity(device)
     reply = backend.est("POST", "simpleenroll", key=key, cert=cert, data=est_body(enroll_csr("second", new_key())),
                         headers=PKCS10)
-    assert reply.status_code == 200, reply.text
+    assert reply.status_code == 401, reply.text
+    assert "simplereenroll" in reply.text
+    assert "second" not in backend.cli("devices", "list").stdout
 
 
 def test_simplereenroll_issues_client_certificate(backend, device):
