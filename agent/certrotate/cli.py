@@ -69,8 +69,12 @@ def open_context(edges: Edges):
     )
 
 
-def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason: str) -> int:
-    """Resume the rotation in progress, or begin one; deliver the queued events."""
+def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason: str,
+           *, run_here: bool = True) -> int:
+    """Resume the rotation in progress, or begin one; deliver the queued events.
+
+    With ``run_here`` false the request is only journaled, for another run to carry out.
+    """
     from . import rotation
 
     ctx = open_context(edges)
@@ -96,7 +100,8 @@ def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason
                     hint="set [est] server in /etc/certrotate/certrotate.toml or pass --est-server URL",
                 )
             rotation.begin(ctx, rotation_id or f"certs-{int(edges.clock())}", server, reason)
-        rotation.run(ctx)
+        if run_here:
+            rotation.run(ctx)
         return EXIT_DONE
     finally:
         rotation.deliver_events(ctx)
@@ -180,7 +185,29 @@ def cmd_handler(args, edges: Edges) -> int:
             f"{config_file} sets no {' and no '.join(missing)}",
             hint="send the rotation again with fioctl devices config rotate-certs",
         )
-    return rotate(edges, settings["ROTATIONID"], settings["ESTSERVER"], "fio-rotate-certs")
+    rotation_id, est_server = settings["ROTATIONID"], settings["ESTSERVER"]
+    if os.environ.get("INVOCATION_ID"):
+        # Under systemd, fioconfig runs this handler inside fioconfig.service, a unit
+        # the rotation restarts: the restart would kill the rotation half way. Journal
+        # the request and let certrotate.service carry it out in its own unit.
+        code = rotate(edges, rotation_id, est_server, "fio-rotate-certs", run_here=False)
+        state_dir = edges.root(load_agent(edges.root).state_dir)
+        if code != EXIT_DONE or not _rotation_in_progress(state_dir) or hand_over(edges):
+            return code
+    return rotate(edges, rotation_id, est_server, "fio-rotate-certs")
+
+
+def hand_over(edges: Edges) -> bool:
+    """Start certrotate.service to run the journaled rotation; False if it cannot be started."""
+    from .systemd import AGENT_SERVICE, Systemd, SystemdError
+
+    try:
+        (edges.systemd or Systemd()).start_no_block(AGENT_SERVICE)
+    except SystemdError as err:
+        log.info("cannot hand the rotation to %s (%s): running it here", AGENT_SERVICE, err.args[0])
+        return False
+    log.info("rotation handed to %s", AGENT_SERVICE)
+    return True
 
 
 def cmd_status(args, edges: Edges) -> int:

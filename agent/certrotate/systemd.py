@@ -11,6 +11,9 @@ import subprocess
 from typing import Callable, Sequence
 
 
+# The agent's own unit (meta-certrotate installs it; `certrotate check` is its command).
+AGENT_SERVICE = "certrotate.service"
+
 # What `systemctl is-active` prints for a unit that is running (it exits 0 for these).
 ACTIVE_STATES = ("active", "reloading")
 
@@ -66,4 +69,14 @@ class Systemd:
                 f"systemctl restart {' '.join(units)} failed ({result.returncode}): "
                 f"{result.stderr.strip()[:300]}",
                 hint="check the units with systemctl status and journalctl",
+            )
+
+    def start_no_block(self, unit: str) -> None:
+        """Queue a start of ``unit`` and return without waiting for it."""
+        result = self._call(["start", "--no-block", unit])
+        if result.returncode != 0:
+            raise SystemdError(
+                f"systemctl start --no-block {unit} failed ({result.returncode}): "
+                f"{result.stderr.strip()[:300]}",
+                hint=f"check that {unit} is installed (systemctl status {unit})",
             )

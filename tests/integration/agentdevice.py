@@ -49,7 +49,7 @@ def fake_systemctl(directory: Path, active: tuple[str, ...] = ("aktualizr-lite.s
         f'      case " {units} " in *" $u "*) echo active; status=0 ;; *) echo inactive ;; esac\n'
         '    done\n'
         '    exit $status ;;\n'
-        "  restart) exit 0 ;;\n"
+        "  restart|start) exit 0 ;;\n"
         "esac\n"
         "exit 1\n"
     )
@@ -59,7 +59,9 @@ def fake_systemctl(directory: Path, active: tuple[str, ...] = ("aktualizr-lite.s
 
 def run_agent(device_root: Path, *args: str, bin_dir: Path, env: dict | None = None,
               timeout: float = AGENT_TIMEOUT) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("CERTROTATE_")}
+    # INVOCATION_ID tells the agent it runs under systemd: only a test that says so sets it.
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith("CERTROTATE_") and k != "INVOCATION_ID"}
     environment["PATH"] = f"{bin_dir}:{environment.get('PATH', '/usr/bin:/bin')}"
     environment.update(env or {})
     return subprocess.run([*agent_command(), "--root", str(device_root), *args],

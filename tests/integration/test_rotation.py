@@ -80,3 +80,50 @@ def test_handler_runs_the_rotation_fioconfig_asks_for(backend, tmp_path):
     again = run_agent(device, "handler", bin_dir=bin_dir, env={"CONFIG_FILE": str(config_file)})
     assert again.returncode == 0, again.stderr
     assert active_identity(device) == key_before
+
+
+def test_handler_under_systemd_hands_the_rotation_to_its_own_unit(backend, tmp_path):
+    """fioconfig runs handlers inside fioconfig.service, which the rotation restarts:
+    under systemd the handler journals the request and starts certrotate.service."""
+    device, old = new_device(backend, tmp_path, "dev-3")
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+    config_file = tmp_path / "fio-rotate-certs"
+    config_file.write_text(f"ESTSERVER={backend.est_url}\nROTATIONID=certs-43\n")
+    under_systemd = {"CONFIG_FILE": str(config_file), "INVOCATION_ID": "0123456789abcdef"}
+
+    handed = run_agent(device, "handler", bin_dir=bin_dir, env=under_systemd)
+    assert handed.returncode == 0, handed.stderr
+    assert "rotation handed to certrotate.service" in handed.stderr
+    assert "start --no-block certrotate.service" in (bin_dir / "systemctl.log").read_text()
+    assert active_identity(device)[1] == device / "var/sota/client.pem"  # nothing rotated yet
+    status = json.loads(run_agent(device, "status", "--json", bin_dir=bin_dir).stdout)
+    assert (status["rotation"]["id"], status["rotation"]["step"]) == ("certs-43", 0)
+
+    # What certrotate.service runs.
+    check = run_agent(device, "check", bin_dir=bin_dir)
+    assert check.returncode == 0, check.stderr
+    assert_rotated(backend, device, old, device_values={}, local_values=None)
+
+    # The same file again: nothing to carry out, so nothing is handed over.
+    again = run_agent(device, "handler", bin_dir=bin_dir, env=under_systemd)
+    assert again.returncode == 0, again.stderr
+    assert "certs-43 already completed" in again.stderr and "handed" not in again.stderr
+    assert (bin_dir / "systemctl.log").read_text().count("start --no-block") == 1
+
+
+def test_handler_runs_the_rotation_itself_when_its_unit_cannot_start(backend, tmp_path):
+    device, old = new_device(backend, tmp_path, "dev-4")
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+    systemctl = bin_dir / "systemctl"
+    systemctl.write_text(systemctl.read_text().replace(
+        "#!/bin/sh\n", '#!/bin/sh\n[ "$1" = start ] && { echo "Unit certrotate.service not found." >&2; exit 5; }\n'))
+    config_file = tmp_path / "fio-rotate-certs"
+    config_file.write_text(f"ESTSERVER={backend.est_url}\nROTATIONID=certs-44\n")
+
+    result = run_agent(device, "handler", bin_dir=bin_dir,
+                       env={"CONFIG_FILE": str(config_file), "INVOCATION_ID": "0123456789abcdef"})
+    assert result.returncode == 0, result.stderr
+    assert "cannot hand the rotation to certrotate.service" in result.stderr
+    assert_rotated(backend, device, old, device_values={}, local_values=None)

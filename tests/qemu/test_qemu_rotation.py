@@ -69,7 +69,12 @@ def test_operator_rotation(device, scratch):
     since = device.guest_time()
     with stage(f"{device.name}: operator rotation (fioconfig handler)"):
         result = device.deliver_config()
-    assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{device.journal('fioconfig-apply.service')}"
+        assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{device.journal('fioconfig-apply.service')}"
+        # Under systemd the handler hands the rotation to certrotate.service (fioconfig's
+        # own unit is restarted by it); `systemctl start` joins that unit's running job.
+        assert "rotation handed to certrotate.service" in result.stdout + result.stderr
+        finished = device.run_certrotate_service()
+    assert finished.returncode == 0, device.journal()
     new = assert_rotated(device, rotation_id, old, scratch / "new")
     device.wait_standin_ok(new.cert_path, since=since)
     device.wait_standin_ok(new.cert_path, since=since, name="fioconfig")
@@ -77,6 +82,8 @@ def test_operator_rotation(device, scratch):
     # fioconfig delivers the same file again on its next poll: nothing happens.
     again = device.deliver_config()
     assert again.returncode == 0, f"{again.stdout}{again.stderr}"
+    assert f"rotation {rotation_id} already completed" in again.stderr
+    assert "handed to" not in again.stderr
     assert device.identity_paths() == (new.key_path, new.cert_path)
 
 
