@@ -4,6 +4,10 @@ The session builds (or takes from the cache) the root filesystem, lays the
 layer's payload and the stand-ins on it once, and each device gets its own
 disk from that base plus its provisioned identity. Every stage's duration is
 recorded and printed at the end of the run.
+
+Image mode (``pytest tests/qemu --image PATH.wic`` or CERTROTATE_QEMU_IMAGE)
+boots each device from a qcow2 overlay on that image instead and provisions
+it over ssh; see README.md.
 """
 
 from __future__ import annotations
@@ -36,8 +40,24 @@ from qemu_vm import OVMF_CODE, OVMF_VARS, VM  # noqa: E402
 # fioctl's rotate-certs config asks for (meta-certrotate/README.md).
 PAYLOAD_OVERRIDES = {"CERTROTATE_FIOCONFIG_HANDLER": "renew-client-cert"}
 
-REQUIRED_COMMANDS = ("qemu-system-x86_64", "mmdebstrap", "zstd", "mkfs.ext4", "e2fsck", "debugfs",
+REQUIRED_COMMANDS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "zstd", "mkfs.ext4", "e2fsck", "debugfs",
                      "mkfs.vfat", "mcopy", "sfdisk", "ssh", "ssh-keygen", "chroot")
+# Image mode builds nothing: it boots, logs in and checks the filesystem.
+IMAGE_MODE_COMMANDS = ("qemu-system-x86_64", "qemu-img", "e2fsck", "sfdisk", "ssh", "ssh-keygen")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--image", metavar="PATH.wic", default=None,
+                     help="QEMU suite: boot this disk image (e.g. an LmP .wic from kas build) instead of "
+                          "the Debian-built one (also CERTROTATE_QEMU_IMAGE; see tests/qemu/README.md)")
+
+
+def pytest_configure(config):
+    # A wrong image path or login stops the run before anything boots.
+    try:
+        image.image_mode_from(config.getoption("--image", default=None))
+    except ValueError as error:
+        raise pytest.UsageError(f"QEMU image mode: {error}") from None
 
 
 def pytest_runtest_logreport(report):
@@ -55,17 +75,25 @@ def pytest_terminal_summary(terminalreporter):
                                 "(first QEMU fixture to this summary; stages above overlap)")
 
 
-def _missing_prerequisites() -> list[str]:
-    missing = [f"command {c}" for c in REQUIRED_COMMANDS if shutil.which(c) is None]
+def _missing_prerequisites(in_image_mode: bool) -> list[str]:
+    commands = IMAGE_MODE_COMMANDS if in_image_mode else REQUIRED_COMMANDS
+    missing = [f"command {c}" for c in commands if shutil.which(c) is None]
     missing += [f"file {f}" for f in (OVMF_CODE, OVMF_VARS) if not f.exists()]
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and not in_image_mode:
         missing.append("root (mmdebstrap --mode=root, chroot, file ownership in the image)")
     return missing
 
 
 @pytest.fixture(scope="session")
-def qemu_prerequisites():
-    missing = _missing_prerequisites()
+def image_mode(request) -> image.ImageMode | None:
+    """The disk image the suite runs against in image mode, else None
+    (pytest_configure has already rejected bad settings)."""
+    return image.image_mode_from(request.config.getoption("--image", default=None))
+
+
+@pytest.fixture(scope="session")
+def qemu_prerequisites(image_mode):
+    missing = _missing_prerequisites(image_mode is not None)
     if missing:
         pytest.skip("QEMU suite needs " + ", ".join(missing) + " (ci/setup test installs them; run as root)")
 
@@ -122,22 +150,33 @@ def base_tree(qemu_workdir, ssh_key, install_layer_payload) -> Path:
 
 
 @pytest.fixture(scope="module")
-def make_guest(base_tree, ssh_key, qemu_workdir):
+def make_guest(request, image_mode, ssh_key, qemu_workdir):
     """Factory: register a device with ``backend`` for the guest's view of the
     host (10.0.2.2) and build its disk. Booting is the caller's; guests still
-    running when the module ends are powered off."""
-    guests: list[Guest] = []
+    running when the module ends are powered off.
 
-    def make(name: str, backend, prepare_device=None) -> Guest:
-        """``prepare_device(device_tree)`` may add files before the disk is built."""
+    In image mode (``from_image``, else the session's --image) the disk is a
+    qcow2 overlay on the image and the first boot provisions the device over
+    ssh; otherwise the device is provisioned into a disk built from the base tree."""
+    guests: list[Guest] = []
+    base_tree = None if image_mode else request.getfixturevalue("base_tree")
+
+    def make(name: str, backend, prepare_device=None, from_image: image.ImageMode | None = None) -> Guest:
+        """``prepare_device(device_tree)`` may add files before the device is provisioned."""
         workdir = qemu_workdir / name
         workdir.mkdir()
         device_tree = backend.register(name, workdir / "device", *guest_urls(backend))
         if prepare_device:
             prepare_device(device_tree)
-        with stage(f"{name}: disk image"):
-            disk = image.device_disk(base_tree, device_tree, workdir / "disk.raw")
-        guest = Guest(name, VM(disk, workdir / "vm", ssh_key), backend)
+        source = from_image or image_mode
+        if source:
+            overlay = image.overlay_on(source.path, workdir / "disk.qcow2")
+            guest = Guest(name, VM(overlay, workdir / "vm", ssh_key, source.login, disk_format="qcow2"),
+                          backend, provision_tree=device_tree)
+        else:
+            with stage(f"{name}: disk image"):
+                disk = image.device_disk(base_tree, device_tree, workdir / "disk.raw")
+            guest = Guest(name, VM(disk, workdir / "vm", ssh_key), backend)
         guests.append(guest)
         return guest
 

@@ -12,7 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from certrotate import ecies
-from qemu_guest import Guest, Identity
+from qemu_guest import Guest, Identity, guest_est_url
+from qemu_timing import stage
 
 # docs/contracts.md, "Rotation steps and event names", in order.
 EVENT_NAMES = [
@@ -98,3 +99,28 @@ def assert_rotated(guest: Guest, rotation_id: str, old: Identity, workdir: Path,
     plaintext = ecies.decrypt(key, base64.b64decode(local[SECRET_NAME]["Value"]))
     assert plaintext.decode() == SECRET_VALUE
     return new
+
+
+def operator_rotation(device: Guest, workdir: Path) -> tuple[str, Identity]:
+    """An operator's ``devices config rotate-certs``, delivered by the fioconfig
+    stand-in to the installed handler, rotates completely under systemd, and
+    both stand-ins are online with the new certificate. Returns the rotation
+    id and the new identity."""
+    old = device.identity(workdir / "old")
+    assert gateway_accepts(device.backend, old.key, old.cert)
+    sent = device.backend.cli("devices", "config", "rotate-certs", device.name, "--reason", "QEMU test",
+                              "--est-server", guest_est_url(device.backend)).stdout
+    rotation_id = rotation_id_from(sent)
+    since = device.guest_time()
+    with stage(f"{device.name}: operator rotation (fioconfig handler)"):
+        result = device.deliver_config()
+        assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{device.journal('fioconfig-apply.service')}"
+        # Under systemd the handler hands the rotation to certrotate.service (fioconfig's
+        # own unit is restarted by it); `systemctl start` joins that unit's running job.
+        assert "rotation handed to certrotate.service" in result.stdout + result.stderr
+        finished = device.run_certrotate_service()
+    assert finished.returncode == 0, device.journal()
+    new = assert_rotated(device, rotation_id, old, workdir / "new")
+    device.wait_standin_ok(new.cert_path, since=since)
+    device.wait_standin_ok(new.cert_path, since=since, name="fioconfig")
+    return rotation_id, new

@@ -9,7 +9,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemu_timing import record_stage
+from qemu_image import provision_over_ssh
+from qemu_timing import record_stage, stage
 from qemu_vm import HOST_FROM_GUEST, VM
 
 # certrotate.service may write only below /var/sota (ProtectSystem=strict);
@@ -41,12 +42,15 @@ class Identity:
 
 
 class Guest:
-    """One device: its disk and VM, and its registration with ``backend``."""
+    """One device: its disk and VM, and its registration with ``backend``.
+    With ``provision_tree`` (image mode) the disk carries no identity yet: the
+    first boot installs that device tree over ssh."""
 
-    def __init__(self, name: str, vm: VM, backend):
+    def __init__(self, name: str, vm: VM, backend, provision_tree: Path | None = None):
         self.name = name
         self.vm = vm
         self.backend = backend
+        self.provision_tree = provision_tree
 
     # -- power ---------------------------------------------------------------
 
@@ -54,6 +58,9 @@ class Guest:
         self.vm.start()
         waited = self.vm.wait_ssh()
         record_stage(f"{self.name}: boot {self.vm.boots} to ssh ({why})", waited)
+        if self.provision_tree is not None and self.vm.boots == 1:
+            with stage(f"{self.name}: provision over ssh"):
+                provision_over_ssh(self.vm, self.provision_tree, TEST_DIR, self.vm.workdir)
 
     def power_cut(self) -> None:
         self.vm.power_cut()

@@ -5,15 +5,26 @@ hash of its inputs. Each test VM gets its own disk laid out like an LmP wic:
 a GPT with an EFI system partition (systemd-boot, kernel, initrd) and an ext4
 root, assembled from files without loop mounts (sfdisk, mkfs.vfat + mcopy,
 mkfs.ext4 -d at an offset).
+
+Image mode (``--image PATH`` or CERTROTATE_QEMU_IMAGE) boots a disk made
+elsewhere, such as an LmP .wic from ``kas build``, through a qcow2 overlay so
+the image itself is never written, and provisions the device over ssh
+(``provision_over_ssh``) instead of into the filesystem.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
+import shlex
 import shutil
 import subprocess
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from qemu_vm import Login
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_ROOTFS = REPO / "ci" / "qemu" / "build-rootfs"
@@ -180,20 +191,49 @@ def assemble_disk(tree: Path, disk: Path) -> Path:
     return disk
 
 
-def root_fs_spec(disk: Path) -> str:
-    """The root filesystem inside ``disk`` as e2fsprogs tools address it."""
-    return f"{disk}?offset={ROOT_OFFSET}"
+# GPT type of a wic's (and so LmP's) ext4 root: Linux filesystem data.
+LINUX_DATA_TYPE = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
+
+
+def root_partition_offset(raw_disk: Path) -> int:
+    """Byte offset of the root filesystem in a raw GPT disk: the last
+    partition typed Linux root (x86-64) or Linux filesystem data."""
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(raw_disk)], capture_output=True,
+                                      text=True, check=True).stdout)["partitiontable"]
+    roots = [p for p in table["partitions"] if p["type"].upper() in (ROOT_TYPE, LINUX_DATA_TYPE)]
+    if not roots:
+        raise RuntimeError(f"{raw_disk} has no Linux root or Linux filesystem partition: {table['partitions']}")
+    return roots[-1]["start"] * table.get("sectorsize", 512)
 
 
 def fsck(disk: Path) -> subprocess.CompletedProcess:
-    """Check the root filesystem read-only (the VM must be stopped)."""
-    return subprocess.run(["e2fsck", "-fn", root_fs_spec(disk)], capture_output=True, text=True)
+    """Check the root filesystem read-only (the VM must be stopped). A qcow2
+    overlay is checked through a raw copy of the disk it shows."""
+    raw = disk
+    if disk.suffix == ".qcow2":
+        raw = disk.with_suffix(".fsck.raw")
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], check=True, capture_output=True)
+    try:
+        return subprocess.run(["e2fsck", "-fn", f"{raw}?offset={root_partition_offset(raw)}"],
+                              capture_output=True, text=True)
+    finally:
+        if raw != disk:
+            raw.unlink()
 
 
 STANDINS = REPO / "ci" / "qemu" / "standins"
 STANDIN_UNITS = ("aktualizr-lite.service", "fioconfig.service")
 # What Yocto's systemd class enables at rootfs time (SYSTEMD_SERVICE), plus the stand-ins.
 ENABLED_UNITS = ("certrotate.timer", *STANDIN_UNITS)
+
+
+def add_standins(tree: Path) -> Path:
+    """The aktualizr-lite and fioconfig stand-ins at their guest paths under ``tree``."""
+    place_file(tree, "/usr/local/bin/sota-client-standin",
+               (STANDINS / "sota-client-standin").read_bytes(), 0o755)
+    for unit in STANDIN_UNITS:
+        place_file(tree, f"/etc/systemd/system/{unit}", (STANDINS / unit).read_bytes(), 0o644)
+    return tree
 
 
 def prepare_base_tree(tarball: Path, dest: Path, ssh_public_key: str, install_payload) -> Path:
@@ -203,15 +243,23 @@ def prepare_base_tree(tarball: Path, dest: Path, ssh_public_key: str, install_pa
     and root's ssh key."""
     unpack(tarball, dest)
     install_payload(dest)
-    place_file(dest, "/usr/local/bin/sota-client-standin",
-               (STANDINS / "sota-client-standin").read_bytes(), 0o755)
-    for unit in STANDIN_UNITS:
-        place_file(dest, f"/etc/systemd/system/{unit}", (STANDINS / unit).read_bytes(), 0o644)
+    add_standins(dest)
     subprocess.run(["chroot", str(dest), "systemctl", "enable", "--quiet", *ENABLED_UNITS],
                    check=True, capture_output=True)
     (dest / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
     place_file(dest, "/root/.ssh/authorized_keys", ssh_public_key.encode(), 0o600)
     return dest
+
+
+def plain_disk(base: Path, disk: Path) -> Path:
+    """A disk of ``base`` alone, no device provisioned and no ssh key
+    authorized: what image mode is handed, as it would be an LmP .wic."""
+    tree = clone_tree(base, disk.parent / (disk.name + ".tree"))
+    try:
+        (tree / "root/.ssh/authorized_keys").unlink()
+        return assemble_disk(tree, disk)
+    finally:
+        shutil.rmtree(tree)
 
 
 def device_disk(base: Path, device_tree: Path, disk: Path) -> Path:
@@ -280,3 +328,79 @@ def replace_offline(disk: Path, remove: list[str], add: dict[str, Path], workdir
     subprocess.run(["dd", f"if={partition}", f"of={disk}", "bs=1M", f"seek={ROOT_OFFSET // MIB}",
                     "conv=notrunc", "status=none"], check=True)
     partition.unlink()
+
+
+# -- image mode ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageMode:
+    """A disk image made elsewhere and how to log in to it."""
+
+    path: Path
+    login: Login
+
+
+def image_mode_from(option: str | None, environ=os.environ) -> ImageMode | None:
+    """Image mode as ``--image`` (or CERTROTATE_QEMU_IMAGE) selects it, with
+    CERTROTATE_QEMU_LOGIN (default LmP's fio:fio) and CERTROTATE_QEMU_SUDO
+    (default: 1 unless the login is root's); None for the default mode.
+    Raises ValueError saying what to fix."""
+    path = option or environ.get("CERTROTATE_QEMU_IMAGE")
+    if not path:
+        return None
+    image = Path(path).resolve()
+    if image.name.endswith((".gz", ".bz2", ".xz", ".zst")):
+        raise ValueError(f"{image} is compressed; QEMU boots the raw disk: decompress it first "
+                         f"(e.g. gunzip -k {image}) and pass the .wic")
+    if not image.is_file():
+        raise ValueError(f"disk image {image} does not exist (kas build puts LmP's in "
+                         "build/tmp/deploy/images/intel-corei7-64/)")
+    login = Login.parse(environ.get("CERTROTATE_QEMU_LOGIN", "fio:fio"))
+    sudo = environ.get("CERTROTATE_QEMU_SUDO", "0" if login.user == "root" else "1")
+    if sudo not in ("0", "1"):
+        raise ValueError(f"CERTROTATE_QEMU_SUDO={sudo!r}: use 1 (the login user needs sudo, as LmP's fio) or 0")
+    return ImageMode(image, replace(login, sudo=sudo == "1"))
+
+
+def overlay_on(image: Path, overlay: Path) -> Path:
+    """A qcow2 overlay backed by ``image``: the guest writes (and a power cut
+    leaves its state) in the overlay, never in the image."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.resolve()), "-F", "raw",
+                    str(overlay)], check=True, capture_output=True)
+    return overlay
+
+
+def install_script(tree: Path) -> str:
+    """A shell script that puts every file of ``tree`` at the same path on the
+    guest, with the tree's modes, owned by the user running it. Directories the
+    guest already has (/etc, /var) keep their modes; files are replaced whole."""
+    lines = ["set -e", "umask 077"]
+    for source in sorted(tree.rglob("*")):
+        target = shlex.quote("/" + str(source.relative_to(tree)))
+        mode = f"{source.stat().st_mode & 0o7777:o}"
+        if source.is_symlink() or not (source.is_dir() or source.is_file()):
+            raise ValueError(f"{source}: only directories and regular files can be provisioned over ssh")
+        if source.is_dir():
+            lines.append(f"[ -d {target} ] || install -d -m {mode} {target}")
+            continue
+        lines += [f"base64 -d > {target}.new <<'END_OF_FILE'",
+                  base64.encodebytes(source.read_bytes()).decode().rstrip("\n"),
+                  "END_OF_FILE", f"chmod {mode} {target}.new", f"mv -f {target}.new {target}"]
+    return "\n".join(lines) + "\n"
+
+
+def provision_over_ssh(vm, device_tree: Path, test_dir: str, workdir: Path) -> None:
+    """Provision a booted image-mode guest: the device tree (identity,
+    sota.toml, certrotate.toml), the aktualizr-lite and fioconfig stand-ins
+    (units in /etc/systemd/system, which on LmP take the place of the real
+    clients, whose identity use the suite cannot observe) and the test's own
+    directory; then restart the clients so they read the new identity. The
+    agent and its units are the image's own."""
+    staging = add_standins(workdir / "provision")
+    (staging / test_dir.lstrip("/")).mkdir(parents=True)
+    script = install_script(device_tree) + install_script(staging)
+    vm.ssh("sh -s", input=script)
+    shutil.rmtree(staging)
+    vm.ssh(f"systemctl daemon-reload && systemctl enable --quiet {' '.join(STANDIN_UNITS)} && "
+           f"systemctl reset-failed && systemctl restart {' '.join(STANDIN_UNITS)}")

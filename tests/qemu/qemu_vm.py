@@ -4,6 +4,11 @@ Software emulation only (``-accel tcg``): the CI machines have no VT-x, and
 ``-accel kvm`` hangs there. The disk sits on virtio-scsi as in LmP's own QEMU
 instructions; user networking forwards a free host port to the guest's sshd,
 and the guest reaches the host's loopback as 10.0.2.2.
+
+A guest logs in with the suite's ssh key. A guest whose image does not carry
+that key (image mode: a .wic from elsewhere) is logged in once with the
+image's password, which installs the key, and, for a user that needs sudo,
+lets that user run sudo without a password for the rest of the test.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
@@ -32,14 +38,41 @@ class GuestCommandError(AssertionError):
     pass
 
 
+@dataclass(frozen=True)
+class Login:
+    """How the guest lets the suite in: ``password`` None means the image
+    already authorizes the suite's ssh key; ``sudo``: commands run through sudo."""
+
+    user: str = "root"
+    password: str | None = None
+    sudo: bool = False
+
+    @classmethod
+    def parse(cls, user_password: str, sudo: bool = False) -> "Login":
+        """``user:password`` as CERTROTATE_QEMU_LOGIN gives it."""
+        user, colon, password = user_password.partition(":")
+        if not user or not colon:
+            raise ValueError(f"login {user_password!r} is not USER:PASSWORD "
+                             "(set CERTROTATE_QEMU_LOGIN=fio:fio, or root: for an empty password)")
+        return cls(user, password, sudo)
+
+
+# Lets the login user run sudo without its password: every later command is
+# non-interactive (ssh BatchMode, testinfra).
+SUDOERS_DROPIN = "/etc/sudoers.d/certrotate-qemu-test"
+
+
 class VM:
     """A guest on ``disk``; ``workdir`` keeps its firmware variables, console log and ssh files."""
 
-    def __init__(self, disk: Path, workdir: Path, ssh_key: Path, user: str = "root"):
+    def __init__(self, disk: Path, workdir: Path, ssh_key: Path, login: Login = Login(),
+                 disk_format: str = "raw"):
         self.disk = disk
+        self.disk_format = disk_format
         self.workdir = workdir
         self.ssh_key = ssh_key
-        self.user = user
+        self.login = login
+        self.key_installed = login.password is None
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.vars = workdir / "OVMF_VARS.fd"
         if not self.vars.exists():
@@ -64,7 +97,7 @@ class VM:
             "-serial", f"file:{self.console_log}",
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,unit=1,file={self.vars}",
-            "-drive", f"file={self.disk},format=raw,if=none,id=hd,cache=writeback",
+            "-drive", f"file={self.disk},format={self.disk_format},if=none,id=hd,cache=writeback",
             "-device", "virtio-scsi-pci,id=scsi", "-device", "scsi-hd,drive=hd",
             "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
             "-device", "virtio-net-pci,netdev=net0",
@@ -85,7 +118,15 @@ class VM:
                                    capture_output=True, timeout=30)
             if probe.returncode == 0:
                 return time.monotonic() - started
+            if not self.key_installed:
+                self.key_installed = self._install_key_with_password()
+                if self.key_installed:
+                    continue
             time.sleep(1)
+        if not self.key_installed:
+            raise TimeoutError(f"no ssh login as {self.login.user} with the password after {timeout} s "
+                               f"(check CERTROTATE_QEMU_LOGIN; last attempt: {self.workdir / 'password-login.log'}); "
+                               f"console: {self.console_tail()}")
         raise TimeoutError(f"no ssh to the guest after {timeout} s; console: {self.console_tail()}")
 
     def power_cut(self) -> None:
@@ -100,7 +141,7 @@ class VM:
         """Clean poweroff; QEMU exits (-no-reboot). Falls back to a power cut on timeout."""
         if self.process is None:
             return
-        subprocess.run(self._ssh_args("systemctl poweroff"), capture_output=True, timeout=60)
+        subprocess.run(self._ssh_args(self._as_root("systemctl poweroff")), capture_output=True, timeout=60)
         self._stop_ssh_master()
         try:
             self.process.wait(timeout=timeout)
@@ -111,9 +152,11 @@ class VM:
 
     # -- commands ------------------------------------------------------------
 
-    def ssh(self, command: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-        """Run a shell command in the guest."""
-        result = subprocess.run(self._ssh_args(command), capture_output=True, text=True, timeout=timeout)
+    def ssh(self, command: str, check: bool = True, timeout: float = 300,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        """Run a shell command in the guest (``input``: its standard input)."""
+        result = subprocess.run(self._ssh_args(self._as_root(command)), capture_output=True, text=True,
+                                timeout=timeout, input=input)
         if check and result.returncode != 0:
             raise GuestCommandError(f"guest command failed ({result.returncode}): {command}\n"
                                     f"stdout: {result.stdout[-3000:]}\nstderr: {result.stderr[-3000:]}")
@@ -137,7 +180,8 @@ class VM:
     def testinfra_host(self):
         import testinfra
 
-        return testinfra.get_host(f"ssh://{self.host_alias}", ssh_config=str(self.ssh_config))
+        return testinfra.get_host(f"ssh://{self.host_alias}", ssh_config=str(self.ssh_config),
+                                  sudo=self.login.sudo)
 
     @property
     def console_log(self) -> Path:
@@ -155,7 +199,7 @@ class VM:
         # testinfra shares one connection only with a ControlPath set here.
         self.ssh_config.write_text(
             f"Host {self.host_alias}\n"
-            f"  HostName 127.0.0.1\n  Port {self.port}\n  User {self.user}\n"
+            f"  HostName 127.0.0.1\n  Port {self.port}\n  User {self.login.user}\n"
             f"  IdentityFile {self.ssh_key}\n  IdentitiesOnly yes\n  BatchMode yes\n"
             "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
             f"  ControlMaster auto\n  ControlPath {self.workdir}/ssh-%C\n  ControlPersist 120\n"
@@ -163,6 +207,33 @@ class VM:
 
     def _ssh_args(self, *args: str) -> list[str]:
         return ["ssh", "-F", str(self.ssh_config), self.host_alias, *args]
+
+    def _as_root(self, command: str) -> str:
+        return f"sudo -n sh -c {shlex.quote(command)}" if self.login.sudo else command
+
+    def _install_key_with_password(self) -> bool:
+        """Log in with the password (ssh reads it from SSH_ASKPASS), authorize
+        the suite's key and, for a sudo user, passwordless sudo. False while
+        sshd is not up yet or refuses; the caller retries."""
+        askpass = self.workdir / "askpass"
+        askpass.write_text(f"#!/bin/sh\nprintf '%s\\n' {shlex.quote(self.login.password)}\n")
+        askpass.chmod(0o700)
+        public_key = self.ssh_key.with_suffix(".pub").read_text().strip()
+        command = ("umask 077 && mkdir -p ~/.ssh && "
+                   f"printf '%s\\n' {shlex.quote(public_key)} >> ~/.ssh/authorized_keys")
+        if self.login.sudo:
+            rule = f"{self.login.user} ALL=(ALL) NOPASSWD: ALL"
+            command += (" && sudo -S -p '' sh -c " + shlex.quote(
+                f"printf '%s\\n' {shlex.quote(rule)} > {SUDOERS_DROPIN} && chmod 0440 {SUDOERS_DROPIN}"))
+        result = subprocess.run(
+            ["ssh", "-F", str(self.ssh_config), "-o", "BatchMode=no", "-o", "PubkeyAuthentication=no",
+             "-o", "PreferredAuthentications=password,keyboard-interactive", "-o", "NumberOfPasswordPrompts=1",
+             "-o", "ControlMaster=no", "-o", "ControlPath=none", "-o", "ConnectTimeout=5",
+             self.host_alias, command],
+            input=self.login.password + "\n", capture_output=True, text=True, timeout=60,
+            env={**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force"})
+        (self.workdir / "password-login.log").write_text(f"exit {result.returncode}\n{result.stdout}{result.stderr}")
+        return result.returncode == 0
 
     def _stop_ssh_master(self) -> None:
         subprocess.run(["ssh", "-F", str(self.ssh_config), "-O", "exit", self.host_alias],

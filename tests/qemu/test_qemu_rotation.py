@@ -12,13 +12,15 @@ import shlex
 import pytest
 
 import qemu_image as image
-from qemu_checks import RENEWAL_DUE_AT_ONCE, assert_rotated, gateway_accepts, rotation_id_from, seed_device_config
-from qemu_guest import guest_est_url
+from qemu_checks import RENEWAL_DUE_AT_ONCE, assert_rotated, operator_rotation, seed_device_config
+from qemu_guest import TEST_DIR
 from qemu_timing import stage
 
 pytestmark = pytest.mark.timeout(900)
 
 CERTROTATE_TOML = "/etc/certrotate/certrotate.toml"
+# Not under /root: a Yocto image's root home is /home/root.
+CERTROTATE_TOML_SAVED = f"{TEST_DIR}/certrotate.toml.orig"
 HANDLER = "/usr/share/fioconfig/handlers/renew-client-cert"
 
 
@@ -61,23 +63,7 @@ def test_check_does_nothing_when_not_due(device):
 
 
 def test_operator_rotation(device, scratch):
-    old = device.identity(scratch / "old")
-    assert gateway_accepts(device.backend, old.key, old.cert)
-    sent = device.backend.cli("devices", "config", "rotate-certs", device.name, "--reason", "QEMU test",
-                              "--est-server", guest_est_url(device.backend)).stdout
-    rotation_id = rotation_id_from(sent)
-    since = device.guest_time()
-    with stage(f"{device.name}: operator rotation (fioconfig handler)"):
-        result = device.deliver_config()
-        assert result.returncode == 0, f"{result.stdout}{result.stderr}\n{device.journal('fioconfig-apply.service')}"
-        # Under systemd the handler hands the rotation to certrotate.service (fioconfig's
-        # own unit is restarted by it); `systemctl start` joins that unit's running job.
-        assert "rotation handed to certrotate.service" in result.stdout + result.stderr
-        finished = device.run_certrotate_service()
-    assert finished.returncode == 0, device.journal()
-    new = assert_rotated(device, rotation_id, old, scratch / "new")
-    device.wait_standin_ok(new.cert_path, since=since)
-    device.wait_standin_ok(new.cert_path, since=since, name="fioconfig")
+    rotation_id, new = operator_rotation(device, scratch)
 
     # fioconfig delivers the same file again on its next poll: nothing happens.
     again = device.deliver_config()
@@ -91,7 +77,7 @@ def test_rotation_due_by_policy(device, scratch):
     old = device.identity(scratch / "old")
     config = device.vm.read(CERTROTATE_TOML)
     assert "[renewal]" not in config, config
-    device.ssh(f"cp {CERTROTATE_TOML} /root/certrotate.toml.orig && "
+    device.ssh(f"cp {CERTROTATE_TOML} {CERTROTATE_TOML_SAVED} && "
                f"printf %s {shlex.quote(RENEWAL_DUE_AT_ONCE)} >> {CERTROTATE_TOML}")
     try:
         since = device.guest_time()
@@ -102,7 +88,7 @@ def test_rotation_due_by_policy(device, scratch):
         new = assert_rotated(device, rotation_id, old, scratch / "new")
         device.wait_standin_ok(new.cert_path, since=since)
     finally:
-        device.ssh(f"mv /root/certrotate.toml.orig {CERTROTATE_TOML}")
+        device.ssh(f"mv {CERTROTATE_TOML_SAVED} {CERTROTATE_TOML}")
     # With the policy back to its default the new certificate is not due.
     assert device.run_certrotate_service().returncode == 0
     assert device.identity_paths() == (new.key_path, new.cert_path)
