@@ -26,6 +26,9 @@ log = logging.getLogger("certrotate")
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_WAITING = 0, 1, 2, 3, 4
 
+# How long `handler` waits for another certrotate run to release the lock (seconds).
+HANDLER_LOCK_WAIT = 300.0
+
 
 class Edges:
     """What the agent touches outside itself, passed in so tests can drive it.
@@ -41,8 +44,9 @@ class Edges:
         self.systemd = systemd
 
 
-def open_context(edges: Edges):
-    """Load the configuration, take the lock, load the journal: ready to rotate."""
+def open_context(edges: Edges, lock_wait: float = 0.0):
+    """Load the configuration, take the lock (trying for ``lock_wait`` seconds), load
+    the journal: ready to rotate."""
     from . import fsutil
     from .events import EventQueue, current_target
     from .journal import Journal
@@ -53,7 +57,7 @@ def open_context(edges: Edges):
     agent = load_agent(root)
     sota = load_sota(root)
     journal = Journal(root(agent.state_dir))
-    journal.lock()
+    journal.lock(lock_wait)
     directories = {journal.dir, root(agent.config_dir), root(os.path.dirname(sota.key_file)),
                    root(os.path.dirname(sota.cert_file))}
     directories |= {root(os.path.dirname(origin)) for origin in sota.origins.values()}
@@ -70,14 +74,14 @@ def open_context(edges: Edges):
 
 
 def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason: str,
-           *, run_here: bool = True) -> int:
+           *, run_here: bool = True, lock_wait: float = 0.0) -> int:
     """Resume the rotation in progress, or begin one; deliver the queued events.
 
     With ``run_here`` false the request is only journaled, for another run to carry out.
     """
     from . import rotation
 
-    ctx = open_context(edges)
+    ctx = open_context(edges, lock_wait)
     try:
         completed = ctx.state.completed_ids()
         if ctx.state.current is not None:
@@ -186,15 +190,18 @@ def cmd_handler(args, edges: Edges) -> int:
             hint="send the rotation again with fioctl devices config rotate-certs",
         )
     rotation_id, est_server = settings["ROTATIONID"], settings["ESTSERVER"]
+    # fioconfig runs a handler once per config change: a request turned away because
+    # the timer's run holds the lock would be lost, so wait for that run a while.
     if os.environ.get("INVOCATION_ID"):
         # Under systemd, fioconfig runs this handler inside fioconfig.service, a unit
         # the rotation restarts: the restart would kill the rotation half way. Journal
         # the request and let certrotate.service carry it out in its own unit.
-        code = rotate(edges, rotation_id, est_server, "fio-rotate-certs", run_here=False)
+        code = rotate(edges, rotation_id, est_server, "fio-rotate-certs", run_here=False,
+                      lock_wait=HANDLER_LOCK_WAIT)
         state_dir = edges.root(load_agent(edges.root).state_dir)
         if code != EXIT_DONE or not _rotation_in_progress(state_dir) or hand_over(edges):
             return code
-    return rotate(edges, rotation_id, est_server, "fio-rotate-certs")
+    return rotate(edges, rotation_id, est_server, "fio-rotate-certs", lock_wait=HANDLER_LOCK_WAIT)
 
 
 def hand_over(edges: Edges) -> bool:

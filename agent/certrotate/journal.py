@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -88,17 +89,24 @@ class Journal:
         self.path = self.dir / STATE_FILE
         self._lock_fd: int | None = None
 
-    def lock(self) -> None:
-        """Take the agent lock or raise LockHeld; held until the process exits."""
+    def lock(self, wait: float = 0.0, clock=time.monotonic, sleep=time.sleep) -> None:
+        """Take the agent lock, trying for up to ``wait`` seconds, or raise LockHeld;
+        held until unlock() or the process exits."""
         fsutil.ensure_private_dir(self.dir)
         fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise LockHeld(f"another certrotate holds {self.dir / LOCK_FILE}") from err
-            raise
+        deadline = clock() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                if clock() >= deadline:
+                    os.close(fd)
+                    raise LockHeld(f"another certrotate holds {self.dir / LOCK_FILE}") from err
+                sleep(0.2)
         self._lock_fd = fd
 
     def unlock(self) -> None:

@@ -75,6 +75,22 @@ def test_second_agent_cannot_take_the_lock(tmp_path):
     journal.unlock()
 
 
+def test_lock_waits_for_the_holder_to_release_it(tmp_path):
+    holder = Journal(tmp_path)
+    holder.lock()
+    now = [0.0]
+
+    def sleep(seconds):  # the holder finishes while the waiter sleeps
+        now[0] += seconds
+        holder.unlock()
+
+    waiter = Journal(tmp_path)
+    waiter.lock(wait=5.0, clock=lambda: now[0], sleep=sleep)
+    assert 0 < now[0] <= 5.0
+    with pytest.raises(LockHeld):
+        Journal(tmp_path).lock(wait=1.0, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+
+
 def test_completed_keeps_only_recent(tmp_path):
     journal = Journal(tmp_path)
     state = State(completed=[{"rotation_id": f"c-{i}", "success": True, "finished": i} for i in range(30)])
