@@ -197,12 +197,18 @@ class VM:
 
     def _write_ssh_config(self) -> None:
         # testinfra shares one connection only with a ControlPath set here.
+        # Named by the boot's port, not ssh's 40-character %C: ssh binds the
+        # master at the path plus 17 characters, within a socket path's 107.
+        control_path = self.workdir / f"ssh-{self.port}"
+        if len(str(control_path)) + 17 > 107:
+            raise RuntimeError(f"ssh control socket path {control_path} is too long for a Unix socket; "
+                               "set TMPDIR to a shorter directory")
         self.ssh_config.write_text(
             f"Host {self.host_alias}\n"
             f"  HostName 127.0.0.1\n  Port {self.port}\n  User {self.login.user}\n"
             f"  IdentityFile {self.ssh_key}\n  IdentitiesOnly yes\n  BatchMode yes\n"
             "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
-            f"  ControlMaster auto\n  ControlPath {self.workdir}/ssh-%C\n  ControlPersist 120\n"
+            f"  ControlMaster auto\n  ControlPath {control_path}\n  ControlPersist 120\n"
             "  ServerAliveInterval 10\n")
 
     def _ssh_args(self, *args: str) -> list[str]:
