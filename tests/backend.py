@@ -22,6 +22,21 @@ import requests
 
 START_TIMEOUT = 30
 
+# The events of one complete rotation, in order (docs/contracts.md, "Rotation steps
+# and event names"): what `devices updates NAME ID` must list.
+ROTATION_EVENTS = [
+    "CertRotationStarted",
+    "Generate new certificate",
+    "Lock device configuration on server",
+    "Update local configuration with new key",
+    "Update device specific configuration on server with new key",
+    "Finalize aktualizr configuration",
+    "Restart services",
+    "Confirm new certificate with gateway",
+    "Remove old key and certificate",
+    "CertRotationCompleted",
+]
+
 
 def server_command() -> list[str]:
     script = Path(sys.executable).parent / "certrotate-server"

@@ -7,22 +7,10 @@ import re
 
 import pytest
 
+from backend import ROTATION_EVENTS
 from agentdevice import active_identity, assert_rotated, event_lines, fake_systemctl, new_device, run_agent
 
 pytestmark = pytest.mark.timeout(180)
-
-STEP_EVENTS = [
-    "CertRotationStarted",
-    "Generate new certificate",
-    "Lock device configuration on server",
-    "Update local configuration with new key",
-    "Update device specific configuration on server with new key",
-    "Finalize aktualizr configuration",
-    "Restart services",
-    "Confirm new certificate with gateway",
-    "Remove old key and certificate",
-    "CertRotationCompleted",
-]
 
 
 def test_full_rotation(backend, tmp_path):
@@ -47,7 +35,7 @@ def test_full_rotation(backend, tmp_path):
     # Every step's event reached the server, in order, all successful.
     lines = event_lines(backend, "dev-1", "certs-1700000000")
     names = [re.match(r".* : (.*)\(.*\) -> (Succeed|Failed!)", line).group(1, 2) for line in lines]
-    assert names == [(name, "Succeed") for name in STEP_EVENTS]
+    assert names == [(name, "Succeed") for name in ROTATION_EVENTS]
     # sota.toml kept every other byte.
     assert "tls_cacert_path = \"/var/sota/root.crt\"" in (device / "var/sota/sota.toml").read_text()
     # One line per step on stderr, no key material.

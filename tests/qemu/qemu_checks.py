@@ -11,23 +11,11 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from backend import ROTATION_EVENTS
 from certrotate import ecies
 from qemu_guest import Guest, Identity, guest_est_url
 from qemu_timing import stage
 
-# docs/contracts.md, "Rotation steps and event names", in order.
-EVENT_NAMES = [
-    "CertRotationStarted",
-    "Generate new certificate",
-    "Lock device configuration on server",
-    "Update local configuration with new key",
-    "Update device specific configuration on server with new key",
-    "Finalize aktualizr configuration",
-    "Restart services",
-    "Confirm new certificate with gateway",
-    "Remove old key and certificate",
-    "CertRotationCompleted",
-]
 # certrotate.toml lines making any certificate due for renewal (older than
 # a second), whatever its validity period.
 RENEWAL_DUE_AT_ONCE = "\n[renewal]\nlifetime_fraction = 0.000001\nmax_age_days = 0.00001\n"
@@ -92,7 +80,7 @@ def assert_rotated(guest: Guest, rotation_id: str, old: Identity, workdir: Path,
     reported = [line.split(" : ", 1)[1].rsplit("(", 1)[0] for line in event_lines]
     if repeats_allowed:
         reported = list(dict.fromkeys(reported))
-    assert reported == EVENT_NAMES, "\n".join(lines)
+    assert reported == ROTATION_EVENTS, "\n".join(lines)
     assert all(line.endswith("-> Succeed") for line in event_lines), "\n".join(lines)
 
     local = json.loads(guest.vm.read("/var/sota/config.encrypted"))
