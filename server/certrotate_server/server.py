@@ -21,6 +21,9 @@ from .store import Store
 
 log = logging.getLogger("certrotate_server")
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+SHUTDOWN_POLL_SECONDS = 0.05
+
 
 class App:
     """What request handlers share: the factory, its store, its root certificate."""
@@ -81,9 +84,10 @@ def serve(factory: Factory, gateway_listen: tuple[str, int], est_listen: tuple[s
         server_context(factory.path("est.crt"), factory.path("est.key"), ssl.CERT_OPTIONAL, [device_ca]),
         app,
     )
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    # Blocked here, inherited by every worker process and thread, and taken by
+    # sigwait() in the main thread: a Python handler setting an Event can
+    # deadlock on the Event's own lock when the signal lands inside Event.wait().
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     app.store.close()  # no SQLite connection may cross a fork
     parent = os.getpid()
     children = []
@@ -95,7 +99,8 @@ def serve(factory: Factory, gateway_listen: tuple[str, int], est_listen: tuple[s
             break
         children.append(pid)
 
-    threads = [threading.Thread(target=s.serve_forever, name=name, daemon=True)
+    # shutdown() waits for a listener's next poll: poll often so SIGTERM stops it promptly.
+    threads = [threading.Thread(target=s.serve_forever, args=(SHUTDOWN_POLL_SECONDS,), name=name, daemon=True)
                for name, s in (("gateway", gateway), ("est", est))]
     for t in threads:
         t.start()
@@ -110,8 +115,7 @@ def serve(factory: Factory, gateway_listen: tuple[str, int], est_listen: tuple[s
         log.info("gateway %s, EST %s (pid %d, %d worker processes)",
                  endpoints["gateway"], endpoints["est"], parent, workers)
     try:
-        while not stop.wait(0.2):
-            pass
+        signal.sigwait(STOP_SIGNALS)
     finally:
         log.info("shutting down")
         for pid in children or ():
