@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def test_points_written_by_a_real_agent_process_arrive_in_order(tmp_path):
     """The agent's own crashpoints module writes into the FIFO; every point
-    arrives, in order, stamped between the child's start and its exit."""
+    arrives, in order, stamped from the child's start to just after its exit."""
     clock = PointClock(tmp_path)
     try:
         script = ("from certrotate import crashpoints\n"
@@ -28,13 +29,16 @@ def test_points_written_by_a_real_agent_process_arrive_in_order(tmp_path):
                   "    crashpoints.reach(name)\n")
         env = dict(os.environ, CERTROTATE_TRACE_POINTS=str(clock.path))
         run = run_child([sys.executable, "-c", script], env=env).check()
-        points = clock.take()
+        points = []
+        deadline = time.monotonic() + 5
+        while len(points) < 4 and time.monotonic() < deadline:  # the reader thread may lag under load
+            points += clock.take()
     finally:
         clock.close()
     assert [name for _, name in points] == ["journal:start", "est:new-key", "event:est", "lock:patch-device:send"]
     stamps = [stamp for stamp, _ in points]
     assert stamps == sorted(stamps)
-    assert run.started <= stamps[0] and stamps[-1] <= run.started + run.wall_s + 0.05
+    assert run.started <= stamps[0] and stamps[-1] <= run.started + run.wall_s + 1.0
     assert not clock.path.exists()
 
 

@@ -57,6 +57,10 @@ class TlsHttpServer(ThreadingHTTPServer):
         self.socket = context.wrap_socket(
             self.socket, server_side=True, do_handshake_on_connect=False
         )
+        # Worker processes share this socket and all wake for each connection: the
+        # losers must get an error from accept() (socketserver ignores it), not block
+        # in it, where shutdown() would wait for them until the next connection.
+        self.socket.setblocking(False)
 
     def process_request(self, request, client_address):
         with self._waiting_lock:

@@ -128,10 +128,13 @@ def test_timeout_is_retried_then_explained(server, session):
         return text_answer(200, "late")
 
     server.answer = slow
+    sleeps = Sleeps()
     with pytest.raises(http.TransportError) as caught:
-        http.send(session, "GET", server.url, point="t", timeout=0.3, attempts=2, sleep=Sleeps())
+        http.send(session, "GET", server.url, point="t", timeout=0.3, attempts=2, sleep=sleeps)
     assert "timed out after 0.3 s" in str(caught.value)
-    assert len(server.requests) == 2
+    # Counted on the client: on a slow (emulated) target the handshake alone can
+    # take the 0.3 s, so the server may never see a request.
+    assert len(sleeps) == 1
 
 
 def test_declared_oversized_body_is_refused_unread(server, session):

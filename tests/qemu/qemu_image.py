@@ -29,6 +29,8 @@ from qemu_vm import Login
 REPO = Path(__file__).resolve().parents[2]
 BUILD_ROOTFS = REPO / "ci" / "qemu" / "build-rootfs"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
+# A mirror hiccup on a fresh machine (nothing cached) should not fail the whole QEMU stage.
+ROOTFS_BUILD_ATTEMPTS = 2
 
 MIB = 1024 * 1024
 ESP_OFFSET = 1 * MIB
@@ -66,12 +68,15 @@ def rootfs_tarball(mirror: str = DEFAULT_MIRROR) -> tuple[Path, bool]:
         return tarball, False
     tarball.parent.mkdir(parents=True, exist_ok=True)
     partial = tarball.with_name(tarball.name + ".partial.tar.zst")
-    partial.unlink(missing_ok=True)
-    result = subprocess.run([str(BUILD_ROOTFS), str(partial), mirror],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
+    for _attempt in range(ROOTFS_BUILD_ATTEMPTS):
         partial.unlink(missing_ok=True)
-        raise RuntimeError(f"building the QEMU root filesystem failed "
+        result = subprocess.run([str(BUILD_ROOTFS), str(partial), mirror],
+                                capture_output=True, text=True)
+        if result.returncode == 0:
+            break
+    else:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"building the QEMU root filesystem failed {ROOTFS_BUILD_ATTEMPTS} times "
                            f"({BUILD_ROOTFS} exit {result.returncode}):\n{result.stderr[-4000:]}")
     partial.rename(tarball)
     return tarball, True

@@ -114,8 +114,11 @@ class VM:
             if self.process.poll() is not None:
                 raise RuntimeError(f"QEMU exited ({self.process.returncode}) during boot; "
                                    f"console: {self.console_tail()}")
-            probe = subprocess.run(self._ssh_args("-o", "ConnectTimeout=5", "true"),
-                                   capture_output=True, timeout=30)
+            try:
+                probe = subprocess.run(self._ssh_args("-o", "ConnectTimeout=5", "true"),
+                                       capture_output=True, timeout=30)
+            except subprocess.TimeoutExpired:
+                continue  # ConnectTimeout does not bound the login on a guest still booting
             if probe.returncode == 0:
                 return time.monotonic() - started
             if not self.key_installed:

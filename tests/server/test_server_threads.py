@@ -24,11 +24,13 @@ class ThreadIdHandler(BaseHandler):
     waits for the test's signal first, so connections can be held open at once."""
 
     release = threading.Event()
+    held = threading.Semaphore(0)
     numbers = itertools.count()
     per_thread = threading.local()
 
     def route(self, method, path):
         if path == "/hold":
+            self.held.release()
             self.release.wait(30)
         if not hasattr(self.per_thread, "number"):
             self.per_thread.number = next(self.numbers)
@@ -79,20 +81,31 @@ def test_concurrent_connections_each_get_a_thread(server):
     holders = [threading.Thread(target=lambda: results.append(get(server, "/hold"))) for _ in range(6)]
     for holder in holders:
         holder.start()
+    for _ in holders:
+        assert ThreadIdHandler.held.acquire(timeout=30), "a held connection never reached its handler"
     # Six connections are held open at once; a seventh is still served at once.
-    assert get(server) not in results
+    seventh = get(server)
     ThreadIdHandler.release.set()
     for holder in holders:
         holder.join(30)
-    assert len(set(results)) == 6
+    assert len(set(results)) == 6 and seventh not in results
 
 
 def test_idle_threads_end(server, monkeypatch):
     monkeypatch.setattr(httpbase, "IDLE_THREAD_SECONDS", 0.2)
-    before = threading.active_count()
+    before = set(threading.enumerate())
     get(server)
+    started = set(threading.enumerate()) - before
+    assert started, "the connection was not served by a new thread"
     deadline = time.monotonic() + 10
-    while threading.active_count() > before and time.monotonic() < deadline:
+    while any(thread.is_alive() for thread in started) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert threading.active_count() <= before
+    assert not any(thread.is_alive() for thread in started)
     assert server._waiting == 0
+
+
+def test_listener_with_nothing_to_accept_does_not_block(server):
+    """Worker processes share the listening socket; one that loses the race for a
+    connection must come back from accept(), or shutdown() waits for it forever."""
+    with pytest.raises(BlockingIOError):
+        server.get_request()
