@@ -71,8 +71,9 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("QEMU stage timings")
     for name, seconds in timing.stages:
         terminalreporter.write_line(f"{seconds:8.1f} s  {name}")
-    terminalreporter.write_line(f"{time.monotonic() - timing.started:8.1f} s  QEMU suite wall time "
-                                "(first QEMU fixture to this summary; stages above overlap)")
+    if timing.started is not None:  # else no guest was set up (only harness tests ran)
+        terminalreporter.write_line(f"{time.monotonic() - timing.started:8.1f} s  QEMU suite wall time "
+                                    "(first QEMU fixture to this summary; stages above overlap)")
 
 
 def _missing_prerequisites(in_image_mode: bool) -> list[str]:

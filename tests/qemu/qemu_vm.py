@@ -110,8 +110,15 @@ class VM:
         """Wait until a real ssh command succeeds (user networking accepts
         TCP long before sshd runs); returns the seconds waited."""
         started = time.monotonic()
+        port_retries = 2
         while time.monotonic() - started < timeout:
             if self.process.poll() is not None:
+                if self._lost_ssh_port() and port_retries > 0:
+                    port_retries -= 1
+                    self.process = None
+                    self.boots -= 1  # the same boot, on another port
+                    self.start()
+                    continue
                 raise RuntimeError(f"QEMU exited ({self.process.returncode}) during boot; "
                                    f"console: {self.console_tail()}")
             try:
@@ -131,6 +138,12 @@ class VM:
                                f"(check CERTROTATE_QEMU_LOGIN; last attempt: {self.workdir / 'password-login.log'}); "
                                f"console: {self.console_tail()}")
         raise TimeoutError(f"no ssh to the guest after {timeout} s; console: {self.console_tail()}")
+
+    def _lost_ssh_port(self) -> bool:
+        """QEMU could not bind the ssh port: free_port() released it and another
+        socket took it before QEMU started."""
+        log = (self.workdir / "qemu.log").read_text(errors="replace")
+        return f"Could not set up host forwarding rule 'tcp:127.0.0.1:{self.port}-:22'" in log
 
     def power_cut(self) -> None:
         """SIGKILL QEMU: the guest loses its page cache, the disk keeps what QEMU wrote."""
