@@ -24,14 +24,21 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int, *, point: str) -> None:
+def atomic_write(path: Path, data: bytes, mode: int, *, point: str, keep_mtime: bool = False) -> None:
     """Replace ``path`` with ``data`` (file mode ``mode``), durably.
 
     ``point`` names the crash point reached once the new content is in place
-    (so a crash there leaves exactly the state this write made).
+    (so a crash there leaves exactly the state this write made). ``keep_mtime``
+    gives the new file the old one's modification time, in the same rename.
     """
     path = Path(path)
     temp = path.with_name(path.name + TEMP_SUFFIX)
+    mtime_ns = None
+    if keep_mtime:
+        try:
+            mtime_ns = os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            pass
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
         # O_CREAT's mode is filtered by the umask and ignored for an existing file.
@@ -39,6 +46,8 @@ def atomic_write(path: Path, data: bytes, mode: int, *, point: str) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if mtime_ns is not None:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -57,7 +57,8 @@ class ConfirmStep(Step):
             current = localconfig.parse(target.read_bytes(), device_path)
             if not localconfig.encrypted_for(current, old_key):
                 restored = localconfig.reencrypt(current, [ctx.new_key(), old_key], old_key.public_key(), device_path)
-                fsutil.atomic_write(target, localconfig.dump(restored), 0o600, point="confirm:revert-config")
+                fsutil.atomic_write(target, localconfig.dump(restored), 0o600, point="confirm:revert-config",
+                                   keep_mtime=True)
         rotation.restarted = False
         try:
             ctx.systemd.restart(ctx.systemd.active(ctx.agent.restart))

@@ -35,4 +35,6 @@ class FinalizeStep(Step):
             target = ctx.root(f"{ctx.agent.config_dir.rstrip('/')}/{CONFIG_FILE}")
             data = staged.read_bytes()
             if not target.exists() or target.read_bytes() != data:
-                fsutil.atomic_write(target, data, 0o600, point="finalize:config")
+                # fioconfig's next If-Modified-Since is this file's mtime (the Date of
+                # its last download): a new one would hide server changes made since.
+                fsutil.atomic_write(target, data, 0o600, point="finalize:config", keep_mtime=True)

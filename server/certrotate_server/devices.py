@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 from cryptography import x509
 
@@ -205,6 +206,31 @@ def store_config_files(conn, scope: str, owner: str, files: list[dict], reason: 
             "INSERT OR REPLACE INTO config_files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (scope, owner, f["name"], f["value"], int(f["unencrypted"]), json.dumps(f["on-changed"]), reason, now),
         )
+    # Never moves back, even if the server's clock does: a device then downloads once too often.
+    conn.execute(
+        "INSERT INTO config_changes VALUES (?, ?, ?) ON CONFLICT (scope, owner) "
+        "DO UPDATE SET changed_at = MAX(changed_at, excluded.changed_at)",
+        (scope, owner, time.time()),
+    )
+
+
+def _config_scopes(row) -> list[tuple[str, str]]:
+    """The (scope, owner) pairs whose files make up a device's config, weakest first."""
+    scopes = [("factory", "")]
+    if row["group_name"]:
+        scopes.append(("group", row["group_name"]))
+    return scopes + [("device", row["name"])]
+
+
+def config_changed_at(store: Store, name: str) -> float:
+    """Server time (seconds) of the last change to any file of the device's merged config; 0 if none."""
+    scopes = _config_scopes(get_device(store, name))
+    found = store.query_one(
+        "SELECT MAX(changed_at) AS changed FROM config_changes WHERE "
+        + " OR ".join(["(scope = ? AND owner = ?)"] * len(scopes)),
+        [part for scope in scopes for part in scope],
+    )
+    return found["changed"] or 0.0
 
 
 def _fioconfig_map(rows) -> dict:
@@ -223,11 +249,8 @@ def device_config(store: Store, name: str) -> dict:
 
 def merged_config(store: Store, name: str) -> dict:
     """Factory files, overridden by the device's group files, overridden by its own."""
-    row = get_device(store, name)
     merged = {}
-    for scope, owner in (("factory", ""), ("group", row["group_name"] or ""), ("device", name)):
-        if scope == "group" and not row["group_name"]:
-            continue
+    for scope, owner in _config_scopes(get_device(store, name)):
         merged.update(
             _fioconfig_map(
                 store.query(

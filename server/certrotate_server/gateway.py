@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import email.utils
+import time
+
 from . import devices
 from .devices import DeviceError
 from .httpbase import BaseHandler, HttpError
@@ -42,7 +45,25 @@ class GatewayHandler(BaseHandler):
         self.send_json(200, devices.announce_next_key(store, name, body["next_pubkey"]))
 
     def get_config(self, store, name):
-        self.send_json(200, devices.merged_config(store, name))
+        """fioconfig's check-in: it sends back as If-Modified-Since the Date of the
+        200 that gave it its config, so Date is taken before the config is read
+        (a change while the reply is built is newer than that Date)."""
+        served_at = time.time()
+        date = {"Date": email.utils.formatdate(served_at, usegmt=True)}
+        since = self._if_modified_since(served_at)
+        if since is not None and devices.config_changed_at(store, name) < since:
+            self.send(304, headers=date)
+        else:
+            self.send_json(200, devices.merged_config(store, name), date)
+
+    def _if_modified_since(self, now: float) -> float | None:
+        """The If-Modified-Since time, or None when absent, malformed or in the future (RFC 9110 13.1.3)."""
+        value = self.headers.get("If-Modified-Since")
+        try:
+            since = email.utils.parsedate_to_datetime(value).timestamp() if value else None
+        except (TypeError, ValueError):
+            return None
+        return since if since is not None and since <= now else None
 
     def get_config_device(self, store, name):
         config = devices.device_config(store, name)

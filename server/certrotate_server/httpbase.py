@@ -215,12 +215,14 @@ class BaseHandler(BaseHTTPRequestHandler):
     # Responses --------------------------------------------------------------
     def send(self, status: int, body: bytes = b"", content_type: str | None = None, headers: dict | None = None):
         self.send_response_only(status)
-        self.send_header("Date", self.date_time_string())
+        headers = dict(headers or {})
+        self.send_header("Date", headers.pop("Date", None) or self.date_time_string())
         if content_type:
             self.send_header("Content-Type", content_type)
-        for name, value in (headers or {}).items():
+        for name, value in headers.items():
             self.send_header(name, str(value))
-        self.send_header("Content-Length", str(len(body)))
+        if status not in (204, 304):  # RFC 9110: these carry no body and no length
+            self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
             self.send_header("Connection", "close")
         # Headers and body in one write: two small writes stall ~40 ms on

@@ -88,6 +88,23 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        2,
+        # When each scope's config files last changed (sub-second, server
+        # clock): GET /config answers 304 against it. Seeded from updated_at,
+        # which has whole seconds, so one second later than the true change.
+        """
+        CREATE TABLE config_changes (
+            scope TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            changed_at REAL NOT NULL,
+            PRIMARY KEY (scope, owner)
+        );
+        INSERT INTO config_changes
+            SELECT scope, owner, MAX((julianday(updated_at) - 2440587.5) * 86400.0) + 1.0
+            FROM config_files GROUP BY scope, owner
+        """,
+    ),
 ]
 
 

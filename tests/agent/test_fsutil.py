@@ -59,3 +59,14 @@ def test_ensure_private_dir_tightens(tmp_path):
     os.chmod(directory, 0o755)
     fsutil.ensure_private_dir(directory)
     assert directory.stat().st_mode & 0o777 == 0o700
+
+
+def test_atomic_write_can_keep_the_replaced_files_mtime(tmp_path):
+    target = tmp_path / "config.encrypted"
+    target.write_text("old")
+    os.utime(target, ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    fsutil.atomic_write(target, b"new", 0o600, point="test:config", keep_mtime=True)
+    assert target.read_bytes() == b"new"
+    assert target.stat().st_mtime_ns == 1_700_000_000_123_456_789
+    fsutil.atomic_write(tmp_path / "absent", b"x", 0o600, point="test:new", keep_mtime=True)
+    assert (tmp_path / "absent").read_bytes() == b"x"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -17,11 +18,15 @@ def test_full_rotation(backend, tmp_path):
     local = {"wifi-psk": "s3cret", "local-only": "x"}
     device, old = new_device(backend, tmp_path, "dev-1", device_values={"wifi-psk": "s3cret", "api-token": "t0ken"},
                              local_values=local)
+    # fioconfig set this mtime from the Date of the download; it is its next If-Modified-Since.
+    config_file = device / "var/sota/config.encrypted"
+    os.utime(config_file, (1_700_000_000, 1_700_000_000))
     bin_dir = tmp_path / "bin"
     fake_systemctl(bin_dir, active=("aktualizr-lite.service",))
 
     result = run_agent(device, "rotate", "--rotation-id", "certs-1700000000", bin_dir=bin_dir)
     assert result.returncode == 0, result.stderr
+    assert config_file.stat().st_mtime == 1_700_000_000, "re-encryption hid server changes from fioconfig"
 
     assert_rotated(backend, device, old, device_values={"wifi-psk": "s3cret", "api-token": "t0ken"},
                    local_values=local)
