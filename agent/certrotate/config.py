@@ -67,6 +67,7 @@ class AgentConfig:
     def __init__(self):
         self.est_server: str | None = None
         self.est_label = ""
+        self.est_ca_bundle = ""  # device path of extra CA certificates to find the issuing CA
         self.lifetime_fraction = 0.667
         self.max_age_days = 365.0
         self.restart = ["aktualizr-lite.service", "fioconfig.service"]
@@ -188,6 +189,7 @@ def load_agent(root: Root) -> AgentConfig:
             )
     config.est_server = pick("est", "server", str, "") or None
     config.est_label = pick("est", "label", str, config.est_label)
+    config.est_ca_bundle = pick("est", "ca_bundle", str, config.est_ca_bundle)
     config.lifetime_fraction = pick("renewal", "lifetime_fraction", float, config.lifetime_fraction)
     if not 0 < config.lifetime_fraction <= 1:
         raise ConfigError(

@@ -221,6 +221,21 @@ def build_csr(key: ec.EllipticCurvePrivateKey, current: x509.Certificate) -> x50
 _RETRY = "nothing was changed on the device; fix the EST server or its CA, then run the rotation again"
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """An issued certificate that may replace the current one, and what could not be checked.
+
+    ``chain_checked`` is False when no certificate of the issuing CA was found:
+    the leaf was accepted because it names the current certificate's issuer and
+    authority key (the gateway decides at confirm). ``san_left_out`` is True when
+    the current certificate has a subjectAltName the server did not copy.
+    """
+
+    leaf: x509.Certificate
+    chain_checked: bool
+    san_left_out: bool
+
+
 def check_issued(
     issued: list[x509.Certificate],
     key: ec.EllipticCurvePrivateKey,
@@ -228,13 +243,17 @@ def check_issued(
     anchors: list[x509.Certificate],
     intermediates: list[x509.Certificate],
     now: datetime.datetime,
-) -> x509.Certificate:
+) -> Accepted:
     """The one certificate in ``issued`` that can replace ``current``, or an error.
 
-    It must be the only end-entity certificate, certify ``key``, carry the
-    current Subject and subjectAltName, be valid at ``now`` (aware UTC),
-    chain to one of ``anchors`` (through ``intermediates`` or CA
-    certificates sent along with it) and be usable as a TLS client cert.
+    The protocol's rule: the only end-entity certificate, certifying ``key``,
+    Subject byte-identical to the current one, keyUsage digitalSignature and
+    extendedKeyUsage clientAuth, valid at ``now`` (aware UTC); a
+    subjectAltName, if it carries one, equal to the current one. It must chain
+    to one of ``anchors`` through ``intermediates`` or the CA certificates sent
+    with it; when its issuer's certificate is in none of them (estserver sends
+    the leaf alone and serves only the root), it must come from the current
+    certificate's issuer: same issuer name and authority key identifier.
     """
     try:
         return _check_issued(issued, key, current, anchors, intermediates, now)
@@ -244,7 +263,7 @@ def check_issued(
         ) from err
 
 
-def _check_issued(issued, key, current, anchors, intermediates, now) -> x509.Certificate:
+def _check_issued(issued, key, current, anchors, intermediates, now) -> Accepted:
     leaves = [cert for cert in issued if not _is_ca(cert)]
     if len(leaves) != 1:
         raise IssuedCertificateError(
@@ -266,7 +285,9 @@ def _check_issued(issued, key, current, anchors, intermediates, now) -> x509.Cer
             hint=_RETRY,
         )
     san_oid = x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME
-    if _extension_value(leaf_parts, san_oid) != _extension_value(current_parts, san_oid):
+    leaf_san = _extension_value(leaf_parts, san_oid)
+    current_san = _extension_value(current_parts, san_oid)
+    if leaf_san is not None and leaf_san != current_san:
         raise IssuedCertificateError(
             "the issued certificate's subjectAltName differs from the current certificate's",
             hint=_RETRY,
@@ -274,8 +295,40 @@ def _check_issued(issued, key, current, anchors, intermediates, now) -> x509.Cer
     _check_time(leaf, leaf_parts, now, "the issued certificate")
     _check_client_auth(leaf)
     extra_cas = [cert for cert in issued if _is_ca(cert)]
-    _check_chain(leaf, anchors, intermediates + extra_cas, now)
-    return leaf
+    known = anchors + intermediates + extra_cas
+    if any(tbs_parts(ca).subject == leaf_parts.issuer for ca in known):
+        _check_chain(leaf, anchors, intermediates + extra_cas, now)
+        chain_checked = True
+    else:
+        _check_same_issuer(leaf, leaf_parts, current, current_parts)
+        chain_checked = False
+    return Accepted(leaf, chain_checked, san_left_out=leaf_san is None and current_san is not None)
+
+
+def _check_same_issuer(leaf, leaf_parts: TbsParts, current, current_parts: TbsParts) -> None:
+    """With no certificate of the issuing CA on hand: only the current certificate's own CA."""
+    leaf_aki = _key_identifier(leaf)
+    if (leaf_parts.issuer == current_parts.issuer and leaf_aki is not None
+            and leaf_aki == _key_identifier(current)):
+        return
+    if leaf_parts.issuer != current_parts.issuer:
+        why = f"its issuer is not the current certificate's ({current.issuer.rfc4514_string()!r})"
+    elif leaf_aki is None:
+        why = "it has no authority key identifier to match the current certificate's"
+    else:
+        why = "its authority key identifier is not the current certificate's (another CA key)"
+    raise IssuedCertificateError(
+        f"the issued certificate comes from CA {leaf.issuer.rfc4514_string()!r}, whose certificate "
+        f"is neither in the EST reply, client.pem, the EST server's /cacerts nor est.ca_bundle, "
+        f"and {why}: nothing on the device vouches for it",
+        hint="put the issuing CA's certificate in the file est.ca_bundle of certrotate.toml names "
+        "(or have the EST server serve it on /cacerts); " + _RETRY,
+    )
+
+
+def _key_identifier(cert: x509.Certificate) -> bytes | None:
+    aki = _extension(cert, x509.AuthorityKeyIdentifier)
+    return None if aki is None else aki.key_identifier
 
 
 def _extension_value(parts: TbsParts, oid: x509.ObjectIdentifier) -> bytes | None:
@@ -312,17 +365,19 @@ def _is_ca(cert: x509.Certificate) -> bool:
 
 
 def _check_client_auth(leaf: x509.Certificate) -> None:
+    """keyUsage digitalSignature and extendedKeyUsage clientAuth, both present (as fioconfig's verifyNewCert)."""
     usages = _extension(leaf, x509.ExtendedKeyUsage)
-    if usages is not None and not (
+    if usages is None or not (
         ExtendedKeyUsageOID.CLIENT_AUTH in usages
         or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages
     ):
         raise IssuedCertificateError(
-            "the issued certificate's extendedKeyUsage does not allow TLS client authentication",
+            "the issued certificate's extendedKeyUsage does not allow TLS client authentication"
+            + (" (it has no extendedKeyUsage)" if usages is None else ""),
             hint=_RETRY,
         )
     key_usage = _extension(leaf, x509.KeyUsage)
-    if key_usage is not None and not key_usage.digital_signature:
+    if key_usage is None or not key_usage.digital_signature:
         raise IssuedCertificateError(
             "the issued certificate's keyUsage lacks digitalSignature, which TLS client auth needs",
             hint=_RETRY,
@@ -346,7 +401,8 @@ def _check_chain(leaf, anchors, intermediates, now) -> None:
                 f"the issued certificate does not chain to the trust anchor: no trusted CA "
                 f"named {cert.issuer.rfc4514_string()!r} "
                 f"signed {cert.subject.rfc4514_string()!r}",
-                hint="the EST server's CA is not the factory's; " + _RETRY,
+                hint="the EST server's CA does not chain to the trust anchor in "
+                "import.tls_cacert_path; " + _RETRY,
             )
         _check_time(parent, tbs_parts(parent), now, "an intermediate CA certificate")
         cert = parent

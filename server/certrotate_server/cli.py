@@ -64,7 +64,7 @@ def cmd_init(args) -> int:
             est_user=args.est_user, est_password=args.est_password, est_labels=args.est_label,
             manual_approval=args.manual_approval, retry_after=args.retry_after,
             b64_line_length=0 if args.b64_one_line else 64, validity_days=args.validity_days,
-            max_body=args.max_body,
+            max_body=args.max_body, allow_csr_san=args.allow_csr_san,
         )
     except (FactoryError, pki.PkiError) as err:
         raise CliError(str(err), EXIT_USAGE) from None
@@ -107,7 +107,7 @@ def cmd_register(args) -> int:
     if existing_key.exists():
         raise CliError(f"{existing_key} exists: {args.out} already holds a device; choose another --out")
     key = pki.new_key()
-    cert = factory.issue_initial_device_cert(args.name, key.public_key())
+    cert = factory.issue_initial_device_cert(args.name, key.public_key(), args.san or [])
     # The device's key exists only in its tree: written before the device is recorded,
     # so a recorded device always has its key somewhere.
     if args.est_label and args.est_label not in factory.est.labels:
@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b64-one-line", action="store_true", help="base64 EST bodies on one line (not wrapped at 64)")
     p.add_argument("--validity-days", type=int, default=365, help="validity of EST-issued certificates")
     p.add_argument("--max-body", type=int, default=64 * 1024, help="largest EST request body in bytes")
+    p.add_argument("--allow-csr-san", action="store_true",
+                   help="simpleenroll issues a CSR's subjectAltName (default: such CSRs are refused)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("serve", parents=[common], help="run the EST server and the gateway")
@@ -325,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--est-url", help="default: the running server's (endpoints.json)")
     p.add_argument("--hardware-id", default="intel-corei7-64")
     p.add_argument("--est-label", default="", help="RFC 7030 CA label the device uses (certrotate.toml est.label)")
+    p.add_argument("--san", action="append", metavar="DNS_NAME",
+                   help="add this DNS name as subjectAltName (repeatable; FoundriesFactory's certificates have none)")
     p.set_defaults(func=cmd_register)
     p = dev.add_parser("list", parents=[common])
     p.set_defaults(func=cmd_list)

@@ -145,8 +145,9 @@ class EstHandler(BaseHandler):
                             {"WWW-Authenticate": 'Basic realm="certrotate EST"'})
         csr = self._read_csr()
         cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        if not cns:
-            raise HttpError(400, "CSR Subject has no CN; the CN names the device")
+        if len(cns) != 1:
+            # Readers disagree on which of several CNs names the device (Go takes the last).
+            raise HttpError(400, f"CSR Subject has {len(cns)} CNs; exactly one, naming the device, is needed")
         name = str(cns[0].value)
         try:
             devices.check_device_name(name)
@@ -158,8 +159,12 @@ class EstHandler(BaseHandler):
         key = pki.pubkey_pem(csr.public_key())
         if existing is not None and existing["pubkey"] != key:
             raise HttpError(409, f"device {name!r} is already enrolled with another key; renew with simplereenroll")
-        self._await_approval(key, csr)
         san = pki.subject_alt_name(csr)
+        if san is not None and not self.settings.allow_csr_san:
+            raise HttpError(400, "CSR carries a subjectAltName, which this factory does not issue "
+                            "(device certificates name the device by CN, as FoundriesFactory's do); "
+                            "leave it out, or init the factory with --allow-csr-san")
+        self._await_approval(key, csr)
 
         def record(conn, cert):
             if existing is None:

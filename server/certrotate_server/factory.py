@@ -46,6 +46,7 @@ class EstSettings:
     b64_line_length: int  # 0 = one line
     validity_days: int
     max_body: int
+    allow_csr_san: bool = False  # simpleenroll: issue a CSR's subjectAltName instead of refusing it
     _verified: bytes | None = field(default=None, repr=False)
 
     def password_ok(self, password: str) -> bool:
@@ -104,11 +105,12 @@ class Factory:
             )
         return self._device_ca
 
-    def issue_initial_device_cert(self, device: str, public_key) -> x509.Certificate:
+    def issue_initial_device_cert(self, device: str, public_key, san_names: list[str] = ()) -> x509.Certificate:
+        """lmp-device-register's shape: CN=device, OU=factory; a SAN only when asked for."""
         ca_cert, ca_key = self.device_ca()
         return pki.issue_device_cert(
             pki.device_subject(device, self.name),
-            pki.device_san(device),
+            pki.dns_san(list(san_names)),
             public_key,
             ca_cert,
             ca_key,
@@ -136,6 +138,7 @@ def init_factory(
     b64_line_length: int = 64,
     validity_days: int = 365,
     max_body: int = 64 * 1024,
+    allow_csr_san: bool = False,
 ) -> Factory:
     path = Path(path)
     if (path / "factory.json").exists():
@@ -192,6 +195,7 @@ def init_factory(
             "b64_line_length": b64_line_length,
             "validity_days": validity_days,
             "max_body": max_body,
+            "allow_csr_san": allow_csr_san,
         },
     }
     pki.write_public(path / "factory.json", (json.dumps(settings, indent=2) + "\n").encode())

@@ -211,8 +211,9 @@ def device_subject(device: str, factory: str) -> x509.Name:
     return _name(device, factory)
 
 
-def device_san(device: str) -> x509.SubjectAlternativeName:
-    return x509.SubjectAlternativeName([x509.DNSName(device)])
+def dns_san(names: list[str]) -> x509.SubjectAlternativeName | None:
+    """A subjectAltName of DNS names; None for none (FoundriesFactory's device certificates have none)."""
+    return x509.SubjectAlternativeName([x509.DNSName(name) for name in names]) if names else None
 
 
 def issue_device_cert(
@@ -223,7 +224,9 @@ def issue_device_cert(
     ca_key,
     days: int,
 ) -> x509.Certificate:
-    """A client certificate: digitalSignature + clientAuth only, never a CA, never past the CA."""
+    """A client certificate in FoundriesFactory's shape: keyUsage digitalSignature and
+    extendedKeyUsage clientAuth, both critical (lmp-device-register's CSR asks for
+    exactly these); never a CA, never past the CA; a SAN only when ``san`` is given."""
     now = _now()
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     builder = (
@@ -233,7 +236,7 @@ def issue_device_cert(
             _key_usage(cert_sign=False),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=True)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )

@@ -55,7 +55,7 @@ def test_simplereenroll_sends_wrapped_pkcs10_with_client_cert(client, device, se
     assert all(len(line) == 64 for line in lines[:-1]) and 0 < len(lines[-1]) <= 64
     csr = request.csr()
     assert pki.spki_der(csr.public_key()) == pki.spki_der(key.public_key())
-    leaf = pki.check_issued(issued, key, device.cert, [factory.root.cert], client.cacerts(), utcnow())
+    leaf = pki.check_issued(issued, key, device.cert, [factory.root.cert], client.cacerts(), utcnow()).leaf
     assert pki.spki_der(leaf.public_key()) == pki.spki_der(key.public_key())
 
 

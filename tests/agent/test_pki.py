@@ -31,6 +31,13 @@ def issue(factory, request_key, subject, **kwargs):
 
 
 def check(factory, issued, key, current, *, now=None, intermediates=None):
+    """The accepted leaf; the chain must have been verified."""
+    accepted = accept(factory, issued, key, current, now=now, intermediates=intermediates)
+    assert accepted.chain_checked
+    return accepted.leaf
+
+
+def accept(factory, issued, key, current, *, now=None, intermediates=None):
     return pki.check_issued(
         issued, key, current, [factory.root.cert],
         [factory.device_ca.cert] if intermediates is None else intermediates,
@@ -190,11 +197,26 @@ def test_other_san_is_refused(factory):
     expect_refusal("subjectAltName differs", factory, [issued], key, current)
 
 
-def test_missing_san_is_refused(factory):
+def test_san_left_out_by_the_server_is_accepted_and_reported(factory):
+    """foundriesio/estserver drops a CSR's SAN ("Unsupported CSR Extension")."""
     _, current = unusual_subject_cert(factory)
     key = pki.new_key()
     issued = factory.device_ca.issue(current.subject, key.public_key())
-    expect_refusal("subjectAltName differs", factory, [issued], key, current)
+    accepted = accept(factory, [issued], key, current)
+    assert accepted.leaf == issued and accepted.san_left_out and accepted.chain_checked
+
+
+def test_san_added_by_the_server_is_refused(factory, device):
+    key = pki.new_key()
+    issued = factory.device_ca.issue(device.cert.subject, key.public_key(),
+                                     san=x509.SubjectAlternativeName([x509.DNSName("dev.example")]))
+    expect_refusal("subjectAltName differs", factory, [issued], key, device.cert)
+
+
+def test_same_san_is_not_reported(factory, device):
+    key = pki.new_key()
+    issued = issue(factory, key, device.cert.subject)
+    assert not accept(factory, [issued], key, device.cert).san_left_out
 
 
 def test_expired_is_refused(factory, device):
@@ -228,7 +250,7 @@ def test_untrusted_ca_with_the_same_names_is_refused(factory, device):
     error = expect_refusal("does not chain to the trust anchor", factory,
                            [issued, twin.device_ca.cert], key, device.cert,
                            intermediates=[twin.device_ca.cert])
-    assert "not the factory's" in error.hint
+    assert "does not chain to the trust anchor in import.tls_cacert_path" in error.hint
 
 
 def test_certificate_from_another_factory_is_refused(factory, device):
@@ -238,10 +260,39 @@ def test_certificate_from_another_factory_is_refused(factory, device):
     expect_refusal("does not chain", factory, [issued, other.device_ca.cert], key, device.cert)
 
 
-def test_missing_intermediate_is_refused(factory, device):
+def test_issuer_nowhere_on_the_device_but_the_current_ones_is_accepted_unchecked(factory, device):
+    """estserver's reply holds the leaf alone and /cacerts only the root; client.pem
+    holds the leaf alone (lmp-device-register): the device CA is nowhere."""
     key = pki.new_key()
     issued = issue(factory, key, device.cert.subject)
-    expect_refusal("does not chain", factory, [issued], key, device.cert, intermediates=[])
+    accepted = accept(factory, [issued], key, device.cert, intermediates=[])
+    assert accepted.leaf == issued and not accepted.chain_checked
+
+
+def test_issuer_nowhere_with_another_ca_key_is_refused(factory, device):
+    # A twin device CA: the current certificate's issuer name, another key.
+    twin = TestPki(factory.factory)
+    key = pki.new_key()
+    issued = twin.device_ca.issue(device.cert.subject, key.public_key())
+    error = expect_refusal("authority key identifier is not the current certificate's",
+                           factory, [issued], key, device.cert, intermediates=[])
+    assert "est.ca_bundle" in error.hint and "trust anchor" not in error.hint
+
+
+def test_issuer_nowhere_with_another_issuer_name_is_refused(factory, device):
+    other = TestPki("other-factory")
+    key = pki.new_key()
+    issued = other.device_ca.issue(device.cert.subject, key.public_key())
+    error = expect_refusal("issuer is not the current certificate's", factory, [issued], key,
+                           device.cert, intermediates=[])
+    assert "est.ca_bundle" in error.hint
+
+
+def test_issuer_nowhere_without_authority_key_identifier_is_refused(factory, device):
+    key = pki.new_key()
+    issued = leaf_with(factory, device.cert.subject, key,
+                       x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), key_usage=True)
+    expect_refusal("no authority key identifier", factory, [issued], key, device.cert, intermediates=[])
 
 
 def test_leaf_posing_as_intermediate_is_refused(factory, device):
@@ -264,35 +315,49 @@ def test_expired_intermediate_is_refused(factory, device):
                    device.cert, intermediates=[old_ca.cert])
 
 
-def leaf_with(factory, subject, key, extension):
-    """A device CA-issued certificate carrying just ``extension`` (critical)."""
-    return (
+def leaf_with(factory, subject, key, extension, *, key_usage=False, client_auth=False):
+    """A device CA-issued certificate carrying ``extension`` (critical), and with
+    ``key_usage`` / ``client_auth`` those two usages as well."""
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject).issuer_name(factory.device_ca.cert.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(utcnow() - DAY).not_valid_after(utcnow() + DAY)
         .add_extension(extension, critical=True)
-        .sign(factory.device_ca.key, hashes.SHA256())
     )
+    if key_usage:
+        builder = builder.add_extension(x509.KeyUsage(
+            True, False, False, False, False, False, False, False, False), critical=True)
+    if client_auth:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=True)
+    return builder.sign(factory.device_ca.key, hashes.SHA256())
 
 
 def test_server_only_certificate_is_refused(factory, device):
     key = pki.new_key()
     issued = leaf_with(factory, device.cert.subject, key,
-                       x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]))
+                       x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), key_usage=True)
     expect_refusal("does not allow TLS client authentication", factory, [issued], key, device.cert)
 
 
-def test_certificate_without_eku_passes(factory, device):
+def test_certificate_without_eku_is_refused(factory, device):
     key = pki.new_key()
     issued = factory.device_ca.issue(device.cert.subject, key.public_key(), client_auth=False)
-    assert check(factory, [issued], key, device.cert) == issued
+    expect_refusal("has no extendedKeyUsage", factory, [issued], key, device.cert)
+
+
+def test_certificate_without_key_usage_is_refused(factory, device):
+    key = pki.new_key()
+    issued = leaf_with(factory, device.cert.subject, key,
+                       x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]))
+    expect_refusal("lacks digitalSignature", factory, [issued], key, device.cert)
 
 
 def test_key_usage_without_digital_signature_is_refused(factory, device):
     key = pki.new_key()
     issued = leaf_with(factory, device.cert.subject, key, x509.KeyUsage(
-        False, False, True, False, False, False, False, False, False))
+        False, False, True, False, False, False, False, False, False), client_auth=True)
     expect_refusal("lacks digitalSignature", factory, [issued], key, device.cert)
 
 
@@ -311,7 +376,7 @@ def test_rsa_chain_is_verified():
     current = root.issue(device_name("rsa-dev"), pki.new_key().public_key())
     key = pki.new_key()
     issued = root.issue(device_name("rsa-dev"), key.public_key())
-    assert pki.check_issued([issued], key, current, [root_cert], [], utcnow()) == issued
+    assert pki.check_issued([issued], key, current, [root_cert], [], utcnow()).leaf == issued
     assert not pki.signed_by(issued, new_root("rsa root").cert)
 
 

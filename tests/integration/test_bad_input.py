@@ -70,8 +70,12 @@ CASES = {
         lambda server, request: certs_answer([server.issue(
             request, not_before=utcnow() + DAY, not_after=utcnow() + 30 * DAY)]),
         r"the issued certificate \(.*\) is not valid yet"),
-    "untrusted CA": (
+    "untrusted CA, nowhere on the device": (
         issued(issuer=TestPki("certrotate-factory").device_ca),
+        r"nothing on the device vouches for it"),
+    "untrusted CA sent along": (
+        lambda server, request, twin=TestPki("certrotate-factory").device_ca: certs_answer(
+            [server.issue(request, issuer=twin), twin.cert]),
         r"does not chain to the trust anchor"),
     "wrong content type": (
         lambda server, request: certs_answer([server.issue(request)], content_type="application/octet-stream"),

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -218,7 +219,7 @@ def test_every_installed_file_lands_in_the_right_package(recipe, payload):
 
 def test_payload_holds_the_agent_units_settings_and_handler(recipe, payload):
     destdir, installed = payload
-    handler = f"/usr/share/fioconfig/handlers/{recipe.variables['CERTROTATE_FIOCONFIG_HANDLER']}"
+    handler = "/usr/share/fioconfig/handlers/certrotate-renew-client-cert"
     for path in ("/usr/bin/certrotate", f"{TARGET_SITELIB}/certrotate/__init__.py",
                  "/usr/lib/systemd/system/certrotate.service", "/usr/lib/systemd/system/certrotate.timer",
                  "/etc/certrotate/certrotate.toml", handler, "/usr/lib/certrotate/ptest/run-ptest"):
@@ -256,13 +257,80 @@ def test_settings_default_to_the_contract_and_follow_the_variables(tmp_path):
     recipe_install.install_payload(tmp_path / "b", ptest=False, overrides={
         "CERTROTATE_EST_SERVER": "https://est.example.org:8443/.well-known/est",
         "CERTROTATE_EST_LABEL": "devices", "CERTROTATE_LIFETIME_FRACTION": "0.5",
-        "CERTROTATE_MAX_AGE_DAYS": "90", "CERTROTATE_RESTART_SERVICES": "aktualizr-lite.service",
-        "CERTROTATE_FIOCONFIG_HANDLER": "renew-client-cert"})
+        "CERTROTATE_MAX_AGE_DAYS": "90", "CERTROTATE_RESTART_SERVICES": "aktualizr-lite.service"})
     settings = tomllib.loads((tmp_path / "b/etc/certrotate/certrotate.toml").read_text())
     assert settings == {"est": {"server": "https://est.example.org:8443/.well-known/est", "label": "devices"},
                         "renewal": {"lifetime_fraction": 0.5, "max_age_days": 90},
                         "services": {"restart": ["aktualizr-lite.service"]}}
-    assert (tmp_path / "b/usr/share/fioconfig/handlers/renew-client-cert").exists()
+
+
+TAKEOVER_DROP_INS = [f"/usr/lib/systemd/system/{unit}.d/certrotate.conf"
+                     for unit in ("fioconfig.service", "fioconfig-extract.service")]
+
+
+def test_fioconfig_takeover_is_one_variable(recipe, payload, tmp_path):
+    """Off: certrotate's handler keeps clear of fioconfig's name and its units.
+    On: the handler is renew-client-cert and fioconfig's units get the drop-in."""
+    _, installed = payload
+    assert recipe.variables["CERTROTATE_FIOCONFIG_TAKEOVER"] == "0"
+    assert "/usr/share/fioconfig/handlers/renew-client-cert" not in installed
+    assert not set(TAKEOVER_DROP_INS) & set(installed)
+    taken = recipe_install.install_payload(tmp_path / "on", ptest=False,
+                                           overrides={"CERTROTATE_FIOCONFIG_TAKEOVER": "1"})
+    assert "/usr/share/fioconfig/handlers/renew-client-cert" in taken
+    assert "/usr/share/fioconfig/handlers/certrotate-renew-client-cert" not in taken
+    assert set(TAKEOVER_DROP_INS) <= set(taken)
+    files = package_files(recipe)
+    for path in TAKEOVER_DROP_INS + ["/usr/share/fioconfig/handlers/renew-client-cert"]:
+        assert owning_package(path, files) == "certrotate", path
+
+
+def test_takeover_drop_in_sets_a_fioconfig_rotation_aside(tmp_path):
+    """The ExecStartPre line, run as systemd would (after its $$ unescaping): fioconfig
+    finds no cert-rotation.state to resume; nothing else moves; no state is no error."""
+    recipe_install.install_payload(tmp_path / "on", ptest=False, overrides={"CERTROTATE_FIOCONFIG_TAKEOVER": "1"})
+    text = (tmp_path / "on" / TAKEOVER_DROP_INS[0].lstrip("/")).read_text()
+    [line] = [l for l in text.splitlines() if l.startswith("ExecStartPre=")]
+    command = line.removeprefix("ExecStartPre=-").replace("$$", "$")
+    assert "@" not in command and command.endswith(" sh /var/sota/cert-rotation.state")
+    sota = tmp_path / "var/sota"
+    sota.mkdir(parents=True)
+    command = command.replace("/var/sota", str(sota))
+    (sota / "cert-rotation.state.completed").write_text("{}")
+    argv = shlex.split(command)
+    assert subprocess.run(argv, timeout=30).returncode == 0
+    (sota / "cert-rotation.state").write_text('{"RotationId": "certs-1"}')
+    assert subprocess.run(argv, timeout=30).returncode == 0
+    assert sorted(p.name for p in sota.iterdir()) == [
+        "cert-rotation.state.completed", "cert-rotation.state.set-aside-by-certrotate"]
+
+
+def test_fioconfig_bbappend_is_dynamic_and_follows_the_variable(tmp_path):
+    """Only with meta-lmp-base in the build, and only with the takeover on, does
+    fioconfig lose its handler; off, the append adds nothing to fioconfig."""
+    layer_conf = (LAYER / "conf/layer.conf").read_text()
+    assert 'BBFILES_DYNAMIC += "meta-lmp-base:${LAYERDIR}/dynamic-layers/meta-lmp-base/' in layer_conf
+    [append] = (LAYER / "dynamic-layers/meta-lmp-base").rglob("*.bbappend")
+    assert append.name == "fioconfig_%.bbappend"
+    [expression] = re.findall(r"^require \$\{@(.*)\}$", append.read_text(), re.M)
+
+    class Datastore(dict):
+        def getVar(self, name):
+            return self.get(name)
+
+    chosen = {value: eval(expression, {}, {"d": Datastore(CERTROTATE_FIOCONFIG_TAKEOVER=value)})
+              for value in ("1", "0", None)}
+    assert chosen["0"] == chosen[None] == ""
+    include = append.parent / chosen["1"]
+    # The included do_install:append, run against an installed fioconfig tree.
+    [body] = re.findall(r"^do_install:append\(\) \{\n(.*?)^\}", include.read_text(), re.M | re.S)
+    handlers = tmp_path / "usr/share/fioconfig/handlers"
+    handlers.mkdir(parents=True)
+    for name in ("renew-client-cert", "aktualizr-toml-update", "factory-config-vpn"):
+        (handlers / name).write_text("#!/bin/sh\n")
+    script = body.replace("${D}", str(tmp_path)).replace("${datadir}", "/usr/share")
+    assert subprocess.run(["sh", "-e", "-c", script], timeout=30).returncode == 0
+    assert sorted(p.name for p in handlers.iterdir()) == ["aktualizr-toml-update", "factory-config-vpn"]
 
 
 def test_unknown_override_is_refused_with_the_known_names(tmp_path):

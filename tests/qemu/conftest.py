@@ -36,9 +36,10 @@ from qemu_guest import TEST_DIR, Guest, guest_urls  # noqa: E402
 from qemu_timing import record_stage, stage  # noqa: E402
 from qemu_vm import OVMF_CODE, OVMF_VARS, VM  # noqa: E402
 
-# The image has no fioconfig, so the layer's handler takes the name that
-# fioctl's rotate-certs config asks for (meta-certrotate/README.md).
-PAYLOAD_OVERRIDES = {"CERTROTATE_FIOCONFIG_HANDLER": "renew-client-cert"}
+# As the kas LmP configuration builds it: certrotate takes over fioconfig's
+# renew-client-cert handler (the name fioctl's rotate-certs config asks for) and
+# its units' drop-ins (meta-certrotate/README.md).
+PAYLOAD_OVERRIDES = {"CERTROTATE_FIOCONFIG_TAKEOVER": "1"}
 
 REQUIRED_COMMANDS = ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "zstd", "mkfs.ext4", "e2fsck", "debugfs",
                      "mkfs.vfat", "mcopy", "sfdisk", "ssh", "ssh-keygen", "chroot")

@@ -53,6 +53,20 @@ def test_units_installed_and_enabled(device):
     device.ssh("systemctl stop certrotate.timer")
 
 
+def test_takeover_sets_a_fioconfig_rotation_aside_under_systemd(device):
+    """A rotation fioconfig began before the takeover is not resumed: the drop-in
+    renames its state file before fioconfig's unit starts; the identity stays."""
+    state = "/var/sota/cert-rotation.state"
+    assert device.ssh("systemctl show fioconfig.service -P DropInPaths").stdout.strip().endswith(
+        "/fioconfig.service.d/certrotate.conf")
+    device.ssh(f"echo '{{}}' > {state} && systemctl restart fioconfig.service")
+    listing = device.ssh("ls /var/sota").stdout.split()
+    assert "cert-rotation.state" not in listing and "cert-rotation.state.set-aside-by-certrotate" in listing
+    device.ssh(f"rm {state}.set-aside-by-certrotate && systemctl restart fioconfig.service")
+    assert device.ssh("systemctl is-active fioconfig.service").stdout.strip() == "active"
+    device.wait_standin_ok("/var/sota/client.pem")
+
+
 def test_check_does_nothing_when_not_due(device):
     before = device.ssh("sha256sum /var/sota/sota.toml /var/sota/pkey.pem /var/sota/client.pem").stdout
     result = device.run_certrotate_service()

@@ -81,6 +81,30 @@ def test_simpleenroll_with_basic_credentials(backend, tmp_path):
     assert other.status_code == 409 and "simplereenroll" in other.text
 
 
+def test_simpleenroll_refuses_two_cns_and_a_san_unless_allowed(backend, tmp_path):
+    auth = ("bootstrap", est_password(backend))
+    two_cns = make_csr(new_key(), x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-a"),
+                                              x509.NameAttribute(NameOID.COMMON_NAME, "dev-b")]))
+    reply = backend.est("POST", "simpleenroll", data=est_body(two_cns), headers=PKCS10, auth=auth)
+    assert reply.status_code == 400 and "2 CNs" in reply.text
+    san = x509.SubjectAlternativeName([x509.DNSName("gateway.example")])
+    with_san = make_csr(new_key(), x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-c")]), san)
+    reply = backend.est("POST", "simpleenroll", data=est_body(with_san), headers=PKCS10, auth=auth)
+    assert reply.status_code == 400 and "--allow-csr-san" in reply.text
+    assert "dev-c" not in backend.cli("devices", "list").stdout
+
+    allowing = Backend(tmp_path / "allowing", "--allow-csr-san", "--est-password", "pw")
+    allowing.start()
+    try:
+        reply = allowing.est("POST", "simpleenroll", data=est_body(with_san), headers=PKCS10,
+                             auth=("bootstrap", "pw"))
+        assert reply.status_code == 200, reply.text
+        [cert] = certs_from_est(reply.content)
+        assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == san
+    finally:
+        allowing.stop()
+
+
 def test_simpleenroll_refuses_without_or_with_wrong_credentials(backend):
     body = est_body(enroll_csr("x", new_key()))
     none = backend.est("POST", "simpleenroll", data=body, headers=PKCS10)
@@ -106,15 +130,16 @@ def test_simplereenroll_issues_client_certificate(backend, device):
     assert reply.headers["Content-Type"].startswith("application/pkcs7-mime")
     [cert] = certs_from_est(reply.content)
     assert cert.subject.public_bytes() == old.subject.public_bytes()
-    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == \
-        old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    with pytest.raises(x509.ExtensionNotFound):  # none on the current one: none issued
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert pubkey_pem(cert.public_key()) == pubkey_pem(key)
     cert.verify_directly_issued_by(load_cert(backend.dir / "device-ca.crt"))
     validity = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert dt.timedelta(days=365) <= validity <= dt.timedelta(days=365, minutes=10)
     ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     assert ku.digital_signature and not (ku.key_cert_sign or ku.crl_sign or ku.key_encipherment)
-    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert eku.critical and list(eku.value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
 
 
@@ -153,11 +178,20 @@ def test_simplereenroll_refuses_subject_encoding_mismatch(backend, device):
     assert reply.status_code == 400 and "byte for byte" in reply.text
 
 
-def test_simplereenroll_refuses_san_mismatch(backend, device):
-    missing = reenroll(backend, device, new_key(), san=None)
+def test_simplereenroll_refuses_san_mismatch(backend, device, tmp_path):
+    """RFC 7030 3.3.2: the CSR's SAN equals the current certificate's, absent for absent."""
+    added = reenroll(backend, device, new_key(), san=x509.SubjectAlternativeName([x509.DNSName("evil")]))
+    assert added.status_code == 400 and "subjectAltName" in added.text
+    with_san = backend.register("dev-san", tmp_path / "dev-san", "--san", "dev-san.example")
+    missing = reenroll(backend, with_san, new_key(), san=None)
     assert missing.status_code == 400 and "subjectAltName" in missing.text
-    other = reenroll(backend, device, new_key(), san=x509.SubjectAlternativeName([x509.DNSName("evil")]))
+    other = reenroll(backend, with_san, new_key(), san=x509.SubjectAlternativeName([x509.DNSName("evil")]))
     assert other.status_code == 400 and "subjectAltName" in other.text
+    same = reenroll(backend, with_san, new_key())
+    assert same.status_code == 200, same.text
+    [renewed] = certs_from_est(same.content)
+    assert renewed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == \
+        x509.SubjectAlternativeName([x509.DNSName("dev-san.example")])
 
 
 def test_simplereenroll_refuses_bad_signature(backend, device):
@@ -248,7 +282,7 @@ def test_unknown_device_and_foreign_ca(backend, tmp_path):
     ca_cert = load_cert(backend.dir / "device-ca.crt")
     ca_key = load_pem_private_key((backend.dir / "device-ca.key").read_bytes(), None)
     key = new_key()
-    ghost = pki.issue_device_cert(pki.device_subject("ghost", "certrotate-factory"), pki.device_san("ghost"),
+    ghost = pki.issue_device_cert(pki.device_subject("ghost", "certrotate-factory"), None,
                                   key.public_key(), ca_cert, ca_key, 30)
     kp, cp = write_key(tmp_path / "g.key", key), write_cert(tmp_path / "g.crt", ghost)
     reply = backend.est("POST", "simplereenroll", key=kp, cert=cp, headers=PKCS10,

@@ -23,6 +23,7 @@ SRC_URI = "file://agent;subdir=${BP} \
            file://certrotate.timer \
            file://certrotate.toml.in \
            file://fioconfig-handler \
+           file://fioconfig-takeover.conf \
            file://run-ptest \
 "
 PEP517_SOURCE_PATH = "${S}/agent"
@@ -38,10 +39,12 @@ CERTROTATE_EST_LABEL ??= ""
 CERTROTATE_LIFETIME_FRACTION ??= "0.667"
 CERTROTATE_MAX_AGE_DAYS ??= "365"
 CERTROTATE_RESTART_SERVICES ??= "aktualizr-lite.service fioconfig.service"
-# Name of the fioconfig on-changed handler. fioconfig's own package owns
-# "renew-client-cert" (the name fioctl rotate-certs asks for), so the default
-# stays clear of it; see README.md for taking that name over.
-CERTROTATE_FIOCONFIG_HANDLER ??= "certrotate-renew-client-cert"
+# "1": certrotate runs the rotations fioctl rotate-certs asks for. Its handler
+# takes fioconfig's name, renew-client-cert (the fioconfig bbappend under
+# dynamic-layers/ drops fioconfig's own), and fioconfig's units set aside a
+# rotation of fioconfig's own instead of resuming it. "0": certrotate's
+# handler is certrotate-renew-client-cert and fioconfig is left alone.
+CERTROTATE_FIOCONFIG_TAKEOVER ??= "0"
 
 SYSTEMD_SERVICE:${PN} = "certrotate.timer"
 
@@ -72,9 +75,18 @@ do_install:append() {
             ${D}${sysconfdir}/certrotate/certrotate.toml
     fi
 
+    handler=certrotate-renew-client-cert
+    if [ "${CERTROTATE_FIOCONFIG_TAKEOVER}" = "1" ]; then
+        handler=renew-client-cert
+        for unit in fioconfig.service fioconfig-extract.service; do
+            install -d ${D}${systemd_system_unitdir}/$unit.d
+            install -m 0644 ${WORKDIR}/fioconfig-takeover.conf ${D}${systemd_system_unitdir}/$unit.d/certrotate.conf
+            sed -i -e 's|@LOCALSTATEDIR@|${localstatedir}|g' ${D}${systemd_system_unitdir}/$unit.d/certrotate.conf
+        done
+    fi
     install -d ${D}${datadir}/fioconfig/handlers
-    install -m 0755 ${WORKDIR}/fioconfig-handler ${D}${datadir}/fioconfig/handlers/${CERTROTATE_FIOCONFIG_HANDLER}
-    sed -i -e 's|@BINDIR@|${bindir}|g' ${D}${datadir}/fioconfig/handlers/${CERTROTATE_FIOCONFIG_HANDLER}
+    install -m 0755 ${WORKDIR}/fioconfig-handler ${D}${datadir}/fioconfig/handlers/$handler
+    sed -i -e 's|@BINDIR@|${bindir}|g' ${D}${datadir}/fioconfig/handlers/$handler
 }
 
 # The agent's unit tests with the helper modules they import from tests/.
@@ -90,7 +102,9 @@ do_install_ptest() {
 # has no [Install] section and is listed here.
 FILES:${PN} += "${systemd_system_unitdir}/certrotate.service \
                 ${sysconfdir}/certrotate/certrotate.toml \
-                ${datadir}/fioconfig/handlers/${CERTROTATE_FIOCONFIG_HANDLER} \
+                ${datadir}/fioconfig/handlers \
+                ${systemd_system_unitdir}/fioconfig.service.d \
+                ${systemd_system_unitdir}/fioconfig-extract.service.d \
 "
 CONFFILES:${PN} = "${sysconfdir}/certrotate/certrotate.toml"
 
