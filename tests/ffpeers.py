@@ -4,7 +4,8 @@ They cannot run here (Go programs, not packaged), so these models do exactly
 what the source does, byte for byte where bytes matter:
 
 - ``fioconfig_csr`` and ``fioconfig_accepts``: foundriesio/fioconfig
-  internal/rotate_est.go, createB64CsrDer and verifyNewCert. The CSR is Go's
+  internal/rotate_est.go (at 63842481, the SRCREV meta-lmp scarthgap pins),
+  createB64CsrDer and verifyNewCert. The CSR is Go's
   x509.CreateCertificateRequest over a template holding the current
   certificate's RawSubject and two ExtraExtensions, KeyUsage digitalSignature
   and ExtendedKeyUsage clientAuth, both critical; nothing else, no SAN.
@@ -71,11 +72,12 @@ def fioconfig_b64_csr(key, current) -> bytes:
 
 
 def fioconfig_accepts(old: x509.Certificate, new: x509.Certificate) -> bool:
-    """verifyNewCert: same RawSubject, and KeyUsage and ExtendedKeyUsage both present."""
-    present = {ext.oid for ext in new.extensions}
+    """verifyNewCert: same RawSubject, and KeyUsage and ExtendedKeyUsage with exactly
+    fioconfig's values (criticality unchecked)."""
+    values = {ext.oid: ext.value.public_bytes() for ext in new.extensions}
     return (raw_subject(new) == raw_subject(old)
-            and x509.oid.ExtensionOID.KEY_USAGE in present
-            and x509.oid.ExtensionOID.EXTENDED_KEY_USAGE in present)
+            and values.get(x509.oid.ExtensionOID.KEY_USAGE) == KU_DIGITAL_SIGNATURE
+            and values.get(x509.oid.ExtensionOID.EXTENDED_KEY_USAGE) == EKU_CLIENT_AUTH)
 
 
 def _san_der(item) -> bytes | None:

@@ -134,10 +134,10 @@ def _attribute(oid, value: str) -> x509.NameAttribute:
 
 
 def _name(cn: str, ou: str | None = None) -> x509.Name:
-    attrs = []
+    """CN, then OU: lmp-device-register's order (src/openssl.cpp)."""
+    attrs = [_attribute(NameOID.COMMON_NAME, cn)]
     if ou:
         attrs.append(_attribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou))
-    attrs.append(_attribute(NameOID.COMMON_NAME, cn))
     return x509.Name(attrs)
 
 

@@ -32,11 +32,11 @@ def authority(backend, name: str) -> Authority:
 
 
 def assert_foundries_shape(cert: x509.Certificate, device: str, factory: str, device_ca: x509.Certificate):
-    """FoundriesFactory's device certificate: Subject OU=<factory>, CN=<device> and
-    nothing else; keyUsage digitalSignature and extendedKeyUsage clientAuth, both
+    """FoundriesFactory's device certificate: Subject CN=<device>, OU=<factory> in
+    lmp-device-register's order and nothing else; keyUsage digitalSignature and extendedKeyUsage clientAuth, both
     critical; no subjectAltName; not a CA; issued by the device CA."""
     assert [(a.oid, a.value) for a in cert.subject] == [
-        (NameOID.ORGANIZATIONAL_UNIT_NAME, factory), (NameOID.COMMON_NAME, device)]
+        (NameOID.COMMON_NAME, device), (NameOID.ORGANIZATIONAL_UNIT_NAME, factory)]
     extensions = {ext.oid: ext for ext in cert.extensions}
     ku = extensions.pop(ExtensionOID.KEY_USAGE)
     assert ku.critical and ku.value == x509.KeyUsage(True, False, False, False, False, False, False, False, False)

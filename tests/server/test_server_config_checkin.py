@@ -21,8 +21,9 @@ class FioconfigCheckin:
     def check_in(self):
         headers = {}
         if self.file.exists():
-            # Go's http.TimeFormat: RFC 1123 with "GMT".
-            headers["If-Modified-Since"] = email.utils.formatdate(self.file.stat().st_mtime, usegmt=True)
+            # fi.ModTime().UTC().Format(time.RFC1123): Go prints the zone as "UTC".
+            headers["If-Modified-Since"] = time.strftime("%a, %d %b %Y %H:%M:%S UTC",
+                                                         time.gmtime(self.file.stat().st_mtime))
         reply = self.backend.gateway(self.device, "GET", "/config", headers=headers)
         if reply.status_code == 200:
             self.file.write_bytes(reply.content)

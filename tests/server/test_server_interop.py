@@ -81,7 +81,7 @@ def test_strongswan_reenrolls_registered_device(one_line_backend, tmp_path):
     new_key.write_bytes(run("pki", "--gen", "--type", "ecdsa", "--size", "256").stdout)
     (tmp_path / "req.der").write_bytes(run(
         "pki", "--req", "--in", str(new_key), "--type", "ecdsa",
-        "--dn", "OU=certrotate-factory, CN=dev-ss").stdout)
+        "--dn", "CN=dev-ss, OU=certrotate-factory").stdout)
     out = run("pki", "--est", "--url", base, "--cacert", str(backend.root_ca), "--cert", str(cert), "--key", str(key),
               "--in", str(tmp_path / "req.der"), "--outform", "pem").stdout
     (tmp_path / "renewed.pem").write_bytes(out)
