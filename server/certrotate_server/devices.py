@@ -222,9 +222,9 @@ def _config_scopes(row) -> list[tuple[str, str]]:
     return scopes + [("device", row["name"])]
 
 
-def config_changed_at(store: Store, name: str) -> float:
+def config_changed_at(store: Store, row) -> float:
     """Server time (seconds) of the last change to any file of the device's merged config; 0 if none."""
-    scopes = _config_scopes(get_device(store, name))
+    scopes = _config_scopes(row)
     found = store.query_one(
         "SELECT MAX(changed_at) AS changed FROM config_changes WHERE "
         + " OR ".join(["(scope = ? AND owner = ?)"] * len(scopes)),
@@ -247,10 +247,10 @@ def device_config(store: Store, name: str) -> dict:
     )
 
 
-def merged_config(store: Store, name: str) -> dict:
+def merged_config(store: Store, row) -> dict:
     """Factory files, overridden by the device's group files, overridden by its own."""
     merged = {}
-    for scope, owner in _config_scopes(get_device(store, name)):
+    for scope, owner in _config_scopes(row):
         merged.update(
             _fioconfig_map(
                 store.query(

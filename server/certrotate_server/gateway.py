@@ -51,10 +51,11 @@ class GatewayHandler(BaseHandler):
         served_at = time.time()
         date = {"Date": email.utils.formatdate(served_at, usegmt=True)}
         since = self._if_modified_since(served_at)
-        if since is not None and devices.config_changed_at(store, name) < since:
+        row = devices.get_device(store, name)
+        if since is not None and devices.config_changed_at(store, row) < since:
             self.send(304, headers=date)
         else:
-            self.send_json(200, devices.merged_config(store, name), date)
+            self.send_json(200, devices.merged_config(store, row), date)
 
     def _if_modified_since(self, now: float) -> float | None:
         """The If-Modified-Since time, or None when absent, malformed or in the future (RFC 9110 13.1.3)."""
