@@ -25,7 +25,7 @@ from agentdevice import OldIdentity, active_identity, assert_rotated, fake_syste
 from estfaults import Answer, FaultyEst, Request, b64_lines, certs_answer
 from pki import DAY, Authority, TestPki, device_name, new_key, utcnow
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.bad_input("EST reply to the agent")]
 
 STEP = "Generate new certificate"
 HTML_PAGE = (b"<!DOCTYPE html>\n<html><head><title>503 Service Temporarily Unavailable</title>"
