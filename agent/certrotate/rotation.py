@@ -31,7 +31,8 @@ from .step import Context, Step, StepError
 
 log = logging.getLogger("certrotate")
 
-ROTATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Used with fullmatch: `$` would also match before a trailing newline.
+ROTATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class StartedStep(Step):
@@ -74,7 +75,7 @@ class RotationWaiting(Exception):
 
 
 def check_rotation_id(rotation_id: str) -> str:
-    if not ROTATION_ID.match(rotation_id):
+    if not ROTATION_ID.fullmatch(rotation_id):
         raise ConfigError(
             f"rotation id {rotation_id!r} is not allowed",
             hint="use letters, digits, '.', '_' or '-', at most 100 (e.g. certs-1700000000)",

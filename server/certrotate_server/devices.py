@@ -14,8 +14,9 @@ from .store import Store, utcnow
 
 FIO_ROTATE_CERTS = "fio-rotate-certs"
 RENEW_HANDLER = "/usr/share/fioconfig/handlers/renew-client-cert"
-DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-CONFIG_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+# Used with fullmatch: `$` would also match before a trailing newline.
+DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+CONFIG_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
 
 
 class DeviceError(Exception):
@@ -28,7 +29,7 @@ class DeviceError(Exception):
 
 
 def check_device_name(name: str) -> str:
-    if not DEVICE_NAME.match(name or ""):
+    if not DEVICE_NAME.fullmatch(name or ""):
         raise DeviceError(
             400,
             f"device name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
@@ -187,7 +188,7 @@ def parse_config_files(files) -> list[dict]:
         value = entry.get("value")
         on_changed = entry.get("on-changed") or []
         unencrypted = entry.get("unencrypted", False)
-        if not isinstance(name, str) or not CONFIG_NAME.match(name):
+        if not isinstance(name, str) or not CONFIG_NAME.fullmatch(name):
             raise DeviceError(400, f"config file name {name!r} is not allowed: use letters, digits, '.', '_' or '-'")
         if not isinstance(value, str):
             raise DeviceError(400, f"config file {name}: \"value\" must be a string")

@@ -147,7 +147,7 @@ def init_factory(
         raise FactoryError("importing a root CA needs both --root-ca-cert and --root-ca-key")
     if validity_days < 1:
         raise FactoryError("--validity-days must be at least 1")
-    path.mkdir(parents=True, exist_ok=True)
+    make_dirs(path, 0o700)
     os.chmod(path, 0o700)
     hostnames = hostnames or list(DEFAULT_HOSTNAMES)
 
@@ -238,6 +238,18 @@ label = "{label}"
 """
 
 
+def make_dirs(path: Path, mode: int, parents_mode: int = 0o755) -> None:
+    """mkdir -p with explicit modes: `mode` for `path`, `parents_mode` for the parents
+    it creates, whatever the caller's umask. Existing directories are left as they are."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir()
+        os.chmod(directory, mode if directory == missing[0] else parents_mode)
+
+
 def _toml_string(value: str) -> str:
     if any(c in value for c in '"\\\n'):
         raise FactoryError(f"URL {value!r} contains characters not allowed in a TOML string")
@@ -257,8 +269,8 @@ def write_device_tree(
     """Write the device root filesystem of docs/contracts.md into `out`."""
     sota = out / "var" / "sota"
     etc = out / "etc" / "certrotate"
-    sota.mkdir(parents=True, exist_ok=True)
-    etc.mkdir(parents=True, exist_ok=True)
+    make_dirs(sota, 0o700)  # aktualizr's own mode for its storage directory
+    make_dirs(etc, 0o755)
     pki.write_private(sota / "pkey.pem", pki.key_pem(key))
     pki.write_public(sota / "client.pem", pki.cert_pem(cert))
     pki.write_public(sota / "root.crt", factory.path("root.crt").read_bytes())

@@ -116,9 +116,10 @@ def test_unusable_state_dir_is_exit_2_naming_the_path(device, capsys):
     assert blocker.read_text() == "a file where the state directory belongs"
 
 
-def test_bad_rotation_id_is_exit_2(device, capsys):
-    assert cli.main(["--root", str(device.root), "rotate", "--rotation-id", "../x"]) == cli.EXIT_USAGE
-    assert "rotation id '../x' is not allowed" in capsys.readouterr().err
+@pytest.mark.parametrize("rotation_id", ["../x", "certs-1\n"])
+def test_bad_rotation_id_is_exit_2(device, capsys, rotation_id):
+    assert cli.main(["--root", str(device.root), "rotate", "--rotation-id", rotation_id]) == cli.EXIT_USAGE
+    assert f"rotation id {rotation_id!r} is not allowed" in capsys.readouterr().err
 
 
 def test_lock_held_is_exit_3(device, capsys):

@@ -105,6 +105,14 @@ def test_simpleenroll_refuses_two_cns_and_a_san_unless_allowed(backend, tmp_path
         allowing.stop()
 
 
+@pytest.mark.bad_input("name with a trailing newline")
+def test_simpleenroll_refuses_a_cn_with_a_trailing_newline(backend):
+    reply = backend.est("POST", "simpleenroll", data=est_body(enroll_csr("new-d\n", new_key())), headers=PKCS10,
+                        auth=("bootstrap", est_password(backend)))
+    assert reply.status_code == 400 and "not allowed" in reply.text, reply.text
+    assert "new-d" not in backend.cli("devices", "list").stdout
+
+
 def test_simpleenroll_refuses_without_or_with_wrong_credentials(backend):
     body = est_body(enroll_csr("x", new_key()))
     none = backend.est("POST", "simpleenroll", data=body, headers=PKCS10)

@@ -172,3 +172,24 @@ def test_worker_processes_serve_and_leave_nothing(tmp_path, stop):
     backend.start()  # restarts on the same directory
     assert backend.gateway(device, "GET", "/device").status_code == 200
     backend.stop()
+
+
+@pytest.mark.bad_input("name with a trailing newline")
+def test_register_refuses_a_name_with_a_trailing_newline(backend, tmp_path):
+    # `$` matches before a final "\n": the name check must match the whole name.
+    bad = backend.cli("devices", "register", "new-d\n", "--out", str(tmp_path / "nl"), check=False)
+    assert bad.returncode == 1 and "not allowed" in bad.stderr, bad.stderr
+    assert not (tmp_path / "nl").exists()
+    assert "new-d" not in backend.cli("devices", "list").stdout
+
+
+@pytest.mark.bad_input("umask 000 at registration")
+def test_register_makes_directories_with_explicit_modes(backend, tmp_path):
+    out = tmp_path / "made" / "dev-u"
+    subprocess.run([*server_command(), "devices", "register", "dev-u", "--out", str(out), "--dir", str(backend.dir)],
+                   check=True, capture_output=True, umask=0)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777
+             for p in [tmp_path / "made", out, out / "var", out / "var/sota", out / "etc", out / "etc/certrotate"]}
+    assert modes == {"made": 0o755, "made/dev-u": 0o755, "made/dev-u/var": 0o755, "made/dev-u/var/sota": 0o700,
+                     "made/dev-u/etc": 0o755, "made/dev-u/etc/certrotate": 0o755}
+    assert (out / "var/sota/pkey.pem").stat().st_mode & 0o777 == 0o600
