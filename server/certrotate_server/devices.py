@@ -132,8 +132,10 @@ def promote_next_key(store: Store, name: str, cert: x509.Certificate) -> None:
             (key, now, name),
         )
         record_certificate(conn, cert, name, "gateway")
+        # Every other certificate of the device, not only the old key's: one minted for
+        # a spare key before the rotation must not outlive it.
         old = conn.execute(
-            "SELECT fingerprint, serial FROM certificates WHERE device = ? AND pubkey = ?", (name, old_key)
+            "SELECT fingerprint, serial FROM certificates WHERE device = ? AND pubkey != ?", (name, key)
         ).fetchall()
         for cert_row in old:
             conn.execute(

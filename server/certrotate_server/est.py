@@ -183,8 +183,14 @@ class EstHandler(BaseHandler):
         name = str(cns[0].value) if cns else ""
         self.identity = name or "-"
         store = self.server.app.store
-        if not name or devices.get_device(store, name) is None:
+        row = devices.get_device(store, name) if name else None
+        if row is None:
             raise HttpError(403, f"unknown device {name!r}: not registered with this factory")
+        # The gateway's rule: a certificate for any other key (one minted and never
+        # announced) must not be renewable, or it outlives every rotation.
+        if pki.pubkey_pem(current.public_key()) not in (row["pubkey"], row["next_pubkey"]):
+            raise HttpError(403, f"this certificate's key is neither the current key of device {name!r} "
+                            "nor its announced next key; renew with the device's current certificate")
         csr = self._read_csr()
         if csr.subject.public_bytes() != current.subject.public_bytes():
             raise HttpError(

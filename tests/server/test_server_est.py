@@ -327,3 +327,30 @@ def test_huge_declared_body_refused_without_reading(backend):
                 reply += chunk
     reply = reply.decode()
     assert reply.startswith("HTTP/1.1 413 ") and "exceeds the limit" in reply
+
+
+@pytest.mark.bad_input("spare certificate outliving a rotation")
+def test_a_spare_certificate_minted_before_a_rotation_dies_with_it(backend, device, tmp_path):
+    """Whoever holds the old key mints a certificate for a key of their own before the
+    rotation; once the rotation is done, that certificate must renew nothing."""
+    spare_key = new_key()
+    reply = reenroll(backend, device, spare_key)
+    assert reply.status_code == 200, reply.text
+    spare = (write_key(tmp_path / "spare.key", spare_key), write_cert(tmp_path / "spare.crt", *certs_from_est(reply.content)))
+    # Not announced: EST renews only the current key or the announced next one.
+    assert reenroll(backend, device, new_key(), *spare).status_code == 403
+
+    # The device rotates to its own new key: announced, then used at the gateway.
+    rotated_key = new_key()
+    reply = reenroll(backend, device, rotated_key)
+    rotated = (write_key(tmp_path / "new.key", rotated_key), write_cert(tmp_path / "new.crt", *certs_from_est(reply.content)))
+    announce = backend.gateway(device, "PATCH", "/device", json={"next_pubkey": pubkey_pem(rotated_key)})
+    assert announce.status_code == 200, announce.text
+    assert backend.gateway(device, "GET", "/device", *rotated).status_code == 200
+
+    renewal = reenroll(backend, device, new_key(), *spare)
+    assert renewal.status_code == 403, renewal.text
+    assert "deny-listed" in renewal.text
+    assert backend.gateway(device, "GET", "/device", *spare).status_code == 403
+    denied = backend.cli("deny-list").stdout
+    assert format(load_cert(spare[1]).serial_number, "x") in denied
