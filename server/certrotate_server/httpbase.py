@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import socket
 import ssl
 import threading
@@ -26,6 +27,10 @@ SOCKET_TIMEOUT = 30
 IDLE_THREAD_SECONDS = 60
 # Oversized bodies up to this much beyond the limit are read and dropped before the 413.
 DRAIN_LIMIT = 4 * 1024 * 1024
+# Content-Length is digits only: int() would also take "+91", " 91" and "9_1".
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+# JSON integers are stored in SQLite, which holds 64 bits.
+JSON_INT_RANGE = range(-(2**63), 2**63)
 
 
 class HttpError(Exception):
@@ -150,17 +155,58 @@ class BaseHandler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._dispatch("DELETE")
 
-    def _dispatch(self, method: str):
-        self.started = time.monotonic()
-        self.identity = "-"
+    def parse_request(self) -> bool:
+        """The request line and headers, and the body's framing: exactly one
+        Content-Length of plain digits, or none; never Transfer-Encoding. A request
+        framed any other way could be read differently by a proxy in front."""
         self._body = None
+        self.content_length = None
+        self.identity = "-"
+        self.started = time.monotonic()
+        if len(self.raw_requestline.split()) == 2:
+            # HTTP/0.9 has no headers: refuse it before waiting for them.
+            self.request_version, self.close_connection = "HTTP/1.0", True
+            self.command, self.path = None, "-"
+            self.send_error_body(400, "HTTP/0.9 requests are not served; send HTTP/1.1")
+            return False
+        if not super().parse_request():
+            return False
+        lengths = self.headers.get_all("Content-Length") or []
+        if "Transfer-Encoding" in self.headers:
+            problem = "Transfer-Encoding is not accepted; send the body with one Content-Length"
+        elif len(lengths) > 1:
+            problem = "more than one Content-Length header; send one"
+        elif lengths and not CONTENT_LENGTH.fullmatch(lengths[0]):
+            problem = f"Content-Length {lengths[0][:20]!r} is not a decimal number of bytes"
+        else:
+            self.content_length = int(lengths[0]) if lengths else None
+            return True
+        self.close_connection = True
+        self.send_error_body(400, problem)
+        return False
+
+    def _dispatch(self, method: str):
         try:
-            self.route(method, self.path.split("?", 1)[0])
+            try:
+                self.route(method, self.path.split("?", 1)[0])
+            finally:
+                self._drain_unread_body()
         except HttpError as err:
             self.send_error_body(err.status, err.message, err.headers)
         except Exception:
             log.exception("internal error on %s %s", method, self.path)
             self.send_error_body(500, "internal server error; see the server log")
+
+    def _drain_unread_body(self) -> None:
+        """A body the handler did not read (a refusal, a body on a GET) is read away,
+        or the connection closed: left there, it would be parsed as the next request."""
+        if self._body is not None or not self.content_length:
+            return
+        self._body = b""
+        if self.content_length > self.max_body + DRAIN_LIMIT:
+            self.close_connection = True
+        else:
+            self._discard(self.content_length)
 
     def route(self, method: str, path: str):
         raise NotImplementedError
@@ -173,24 +219,16 @@ class BaseHandler(BaseHTTPRequestHandler):
     def read_body(self) -> bytes:
         if self._body is not None:
             return self._body
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise HttpError(411, "chunked bodies are not accepted; send Content-Length")
-        length_text = self.headers.get("Content-Length")
-        if length_text is None:
+        length = self.content_length
+        if length is None:
             raise HttpError(411, "Content-Length header required")
-        try:
-            length = int(length_text)
-        except ValueError:
-            raise HttpError(400, f"bad Content-Length {length_text!r}") from None
-        if length < 0:
-            raise HttpError(400, "negative Content-Length")
         if length > self.max_body:
             self.close_connection = True
             if length <= self.max_body + DRAIN_LIMIT:
                 # Read it away (not kept): a client still sending when the connection
                 # closes gets a reset instead of the 413 that explains why.
                 self._discard(length)
+            self._body = b""
             raise HttpError(413, f"request body of {length} bytes exceeds the limit of {self.max_body}")
         self._body = self.rfile.read(length)
         if len(self._body) != length:
@@ -206,11 +244,16 @@ class BaseHandler(BaseHTTPRequestHandler):
             length -= len(chunk)
 
     def read_json(self):
+        """The body as JSON that can be stored: 64-bit integers, valid UTF-8 strings."""
         body = self.read_body()
         try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            value = json.loads(body, parse_int=_stored_int)
+            json.dumps(value, ensure_ascii=False).encode()  # lone surrogates ("\\ud800") fail here
+        except RecursionError:
+            raise HttpError(400, "request body is nested too deeply") from None
+        except (UnicodeError, ValueError) as err:
             raise HttpError(400, f"request body is not valid JSON: {err}") from None
+        return value
 
     # Responses --------------------------------------------------------------
     def send(self, status: int, body: bytes = b"", content_type: str | None = None, headers: dict | None = None):
@@ -249,8 +292,20 @@ class BaseHandler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         log.info("%s %s", self.client_address[0], format % args)
 
+    def log_error(self, format, *args):
+        # Its messages quote the raw request line, which may be anything a client
+        # sent (a body with secrets): the status, or the exception, is enough.
+        log.info("%s refused a malformed request: %s", self.client_address[0], args[0] if args else "")
+
     def log_request(self, code="-", size="-"):
         pass
+
+
+def _stored_int(text: str) -> int:
+    value = int(text)
+    if value not in JSON_INT_RANGE:
+        raise ValueError(f"integer {text[:20]}... does not fit in 64 bits")
+    return value
 
 
 def server_context(cert_file, key_file, verify_mode, ca_files=()) -> ssl.SSLContext:

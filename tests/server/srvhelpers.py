@@ -78,3 +78,59 @@ def reenroll(backend, device_root: Path, new_key_obj, key_path=None, cert_path=N
     csr = renewal_csr(load_cert(cert_path), new_key_obj, **csr_kwargs)
     return backend.est("POST", "simplereenroll", key=key_path, cert=cert_path, data=est_body(csr),
                        headers={"Content-Type": "application/pkcs10"})
+
+
+class RawTls:
+    """One TLS connection to a server, bytes in and replies out, for what `requests`
+    will not send: pipelined requests, bad framing, HTTP/0.9."""
+
+    def __init__(self, url: str, ca_file: Path, client=None, timeout: float = 10):
+        import socket
+        import ssl
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        context = ssl.create_default_context(cafile=str(ca_file))
+        if client:
+            context.load_cert_chain(str(client[1]), str(client[0]))
+        raw = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+        self.sock = context.wrap_socket(raw, server_hostname=parts.hostname)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> "RawTls":
+        self.sock.sendall(data)
+        return self
+
+    def reply(self) -> tuple[int, dict, bytes] | None:
+        """The next reply (status, headers with lower-case names, body), or None at EOF."""
+        status_line = self.file.readline()
+        if not status_line:
+            return None
+        headers = {}
+        for line in iter(self.file.readline, b"\r\n"):
+            if not line:
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = self.file.read(int(headers.get("content-length", 0)))
+        return int(status_line.split()[1]), headers, body
+
+    def closed_by_server(self) -> bool:
+        try:
+            return self.file.read(1) == b""
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def http_request(method: str, path: str, body: bytes = b"", headers: dict | None = None) -> bytes:
+    """An HTTP/1.1 request's bytes; Content-Length from the body unless `headers` set framing."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost"]
+    headers = dict(headers or {})
+    if body and not any(h.lower() in ("content-length", "transfer-encoding") for h in headers):
+        headers["Content-Length"] = str(len(body))
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
