@@ -17,6 +17,13 @@ RENEW_HANDLER = "/usr/share/fioconfig/handlers/renew-client-cert"
 # Used with fullmatch: `$` would also match before a trailing newline.
 DEVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 CONFIG_NAME = re.compile(r"[A-Za-z0-9._-]{1,255}")
+# Quotas, so that no device (or operator typo) can grow the database without
+# bound. A scope's config, as served, stays far below the agent's 1 MiB reply
+# limit even when factory, group and device files are merged.
+CONFIG_FILES_PER_SCOPE = 64
+CONFIG_BYTES_PER_SCOPE = 256 * 1024
+EVENTS_KEPT_PER_DEVICE = 1000  # the oldest are dropped beyond this
+EVENT_TEXT_LIMIT = 8 * 1024  # bytes of text one event may store
 
 
 class DeviceError(Exception):
@@ -209,12 +216,25 @@ def store_config_files(conn, scope: str, owner: str, files: list[dict], reason: 
             "INSERT OR REPLACE INTO config_files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (scope, owner, f["name"], f["value"], int(f["unencrypted"]), json.dumps(f["on-changed"]), reason, now),
         )
+    _check_config_quota(conn, scope, owner)
     # Never moves back, even if the server's clock does: a device then downloads once too often.
     conn.execute(
         "INSERT INTO config_changes VALUES (?, ?, ?) ON CONFLICT (scope, owner) "
         "DO UPDATE SET changed_at = MAX(changed_at, excluded.changed_at)",
         (scope, owner, time.time()),
     )
+
+
+def _check_config_quota(conn, scope: str, owner: str) -> None:
+    rows = conn.execute("SELECT * FROM config_files WHERE scope = ? AND owner = ?", (scope, owner)).fetchall()
+    where = f"{scope} {owner!r}" if owner else scope
+    if len(rows) > CONFIG_FILES_PER_SCOPE:
+        raise DeviceError(413, f"the {where} config would hold {len(rows)} files, over its quota of "
+                          f"{CONFIG_FILES_PER_SCOPE}; put several values in one file")
+    size = len(json.dumps(_fioconfig_map(rows)))
+    if size > CONFIG_BYTES_PER_SCOPE:
+        raise DeviceError(413, f"the {where} config would be {size} bytes, over its quota of "
+                          f"{CONFIG_BYTES_PER_SCOPE}; keep large content out of config files")
 
 
 def _config_scopes(row) -> list[tuple[str, str]]:
@@ -317,6 +337,9 @@ def rotate_certs_file(est_server: str, rotation_id: str) -> dict:
 def store_device_events(store: Store, name: str, events) -> int:
     if not isinstance(events, list):
         raise DeviceError(400, "body must be a JSON array of events")
+    if len(events) > EVENTS_KEPT_PER_DEVICE:
+        raise DeviceError(413, f"{len(events)} events in one post, over the quota of {EVENTS_KEPT_PER_DEVICE} "
+                          "kept per device; post them in smaller batches")
     rows = []
     for ev in events:
         if not isinstance(ev, dict):
@@ -333,15 +356,22 @@ def store_device_events(store: Store, name: str, events) -> int:
         if success is not None and not isinstance(success, bool):
             raise DeviceError(400, f'event {ev["id"]}: "success" must be true, false or absent')
         version = event_type.get("version", 0)
-        rows.append(
-            (
-                name, ev["id"], str(detail.get("correlationId") or ""), event_type["id"],
-                version if isinstance(version, int) else 0, str(ev.get("deviceTime") or ""),
-                None if success is None else int(success), str(detail.get("targetName") or ""),
-                str(detail.get("version") or ""), str(detail.get("details") or ""), utcnow(),
-            )
+        row = (
+            name, ev["id"], str(detail.get("correlationId") or ""), event_type["id"],
+            version if isinstance(version, int) else 0, str(ev.get("deviceTime") or ""),
+            None if success is None else int(success), str(detail.get("targetName") or ""),
+            str(detail.get("version") or ""), str(detail.get("details") or ""), utcnow(),
         )
+        if sum(len(field.encode()) for field in row if isinstance(field, str)) > EVENT_TEXT_LIMIT:
+            raise DeviceError(413, f"event {ev['id'][:64]!r} holds more than {EVENT_TEXT_LIMIT} bytes of text; "
+                              "shorten its details")
+        rows.append(row)
     with store.transaction() as conn:
         # Retried posts carry the same ids: stored once.
         conn.executemany("INSERT OR IGNORE INTO device_events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.execute(
+            "DELETE FROM device_events WHERE device = ? AND rowid NOT IN "
+            "(SELECT rowid FROM device_events WHERE device = ? ORDER BY rowid DESC LIMIT ?)",
+            (name, name, EVENTS_KEPT_PER_DEVICE),
+        )
     return len(rows)

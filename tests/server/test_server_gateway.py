@@ -209,3 +209,50 @@ def test_one_log_line_per_request(backend, device):
     backend.gateway(device, "GET", "/nothing")
     lines = [line for line in backend.log.splitlines() if " dev-1 GET /" in line]
     assert len(lines) == 2 and " 200 " in lines[0] and " 404 " in lines[1]
+
+
+AGENT_REPLY_LIMIT = 1 << 20  # certrotate.http's default max_body: what the agent reads of /config-device
+
+
+@pytest.mark.bad_input("per-device quota")
+def test_config_uploads_are_bounded_per_device(backend, device):
+    """60 uploads of ~1 MB once grew the database by 62 MiB and made the device's
+    own config too large for its agent to read back (its rotation failed at step 4)."""
+    db = backend.dir / "certrotate.db"
+    before = db.stat().st_size
+    refused = []
+    for i in range(12):
+        reply = backend.gateway(device, "PATCH", "/config", json={
+            "reason": "flood", "files": [{"name": f"blob-{i}", "value": "A" * 900_000}]})
+        refused.append(reply.status_code)
+        if reply.status_code == 413:
+            assert "quota" in reply.text, reply.text
+    assert set(refused) == {413}, refused  # each one alone is over the per-device size quota
+    small = [backend.gateway(device, "PATCH", "/config", json={
+        "files": [{"name": f"part-{i}", "value": "B" * 60_000}]}).status_code for i in range(12)]
+    assert small[:4] == [200] * 4 and small[-1] == 413, small
+    files = [{"name": f"tiny-{i}", "value": "c"} for i in range(200)]
+    many = backend.gateway(device, "PATCH", "/config", json={"files": files})
+    assert many.status_code == 413 and "files" in many.text, many.text
+    own = backend.gateway(device, "GET", "/config-device")
+    assert own.status_code == 200 and len(own.content) < AGENT_REPLY_LIMIT // 2
+    assert backend.gateway(device, "GET", "/config").status_code == 200
+    assert db.stat().st_size - before < 8 * 1024 * 1024
+
+
+@pytest.mark.bad_input("per-device quota")
+def test_stored_events_are_bounded_per_device(backend, device):
+    def batch(start, count, details=""):
+        return [{"id": f"ev-{n}", "eventType": {"id": "EcuDownloadStarted", "version": 0},
+                 "event": {"correlationId": f"u-{n}", "details": details}} for n in range(start, start + count)]
+
+    too_many = backend.gateway(device, "POST", "/events", json=batch(0, 1001))
+    assert too_many.status_code == 413 and "events" in too_many.text, too_many.text
+    huge = backend.gateway(device, "POST", "/events", json=batch(0, 1, "x" * 20_000))
+    assert huge.status_code == 413, huge.text
+    for start in range(0, 3000, 500):
+        assert backend.gateway(device, "POST", "/events", json=batch(start, 500)).status_code == 200
+    listing = backend.cli("devices", "updates", "dev-1").stdout.splitlines()[2:]  # after the header lines
+    # The newest are kept, the oldest dropped: at most the quota per device.
+    assert 0 < len(listing) <= 1000
+    assert any("u-2999" in line for line in listing) and not any(" u-0 " in f" {line} " for line in listing)
