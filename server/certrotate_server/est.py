@@ -131,7 +131,12 @@ class EstHandler(BaseHandler):
             user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return False
-        return user == self.settings.username and self.settings.password_ok(password)
+        if user != self.settings.username:
+            return False
+        if self.settings.password_known(password):
+            return True
+        return self.server.app.password_guard.check(
+            self.client_address[0], lambda: self.settings.password_ok(password))
 
     def simpleenroll(self):
         """Initial enrollment, with the factory's EST credentials (HTTP Basic).

@@ -49,14 +49,18 @@ class EstSettings:
     allow_csr_san: bool = False  # simpleenroll: issue a CSR's subjectAltName instead of refusing it
     _verified: bytes | None = field(default=None, repr=False)
 
+    def password_known(self, password: str) -> bool:
+        """True if `password` is the one already verified: no scrypt needed."""
+        return self._verified is not None and hmac.compare_digest(
+            hashlib.sha256(password.encode()).digest(), self._verified)
+
     def password_ok(self, password: str) -> bool:
         # scrypt costs 16 MiB and ~50 ms: remember the password once verified, so a
         # burst of enrollments does not run it per request.
-        digest = hashlib.sha256(password.encode()).digest()
-        if self._verified is not None and hmac.compare_digest(digest, self._verified):
+        if self.password_known(password):
             return True
         if hmac.compare_digest(_scrypt(password, self.password_salt), self.password_hash):
-            self._verified = digest
+            self._verified = hashlib.sha256(password.encode()).digest()
             return True
         return False
 

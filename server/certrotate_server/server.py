@@ -17,6 +17,7 @@ from .est import EstHandler
 from .factory import Factory
 from .gateway import GatewayHandler
 from .httpbase import TlsHttpServer, server_context
+from .passwordguard import PasswordGuard
 from .store import Store
 
 log = logging.getLogger("certrotate_server")
@@ -32,6 +33,7 @@ class App:
         self.factory = factory
         self.store = Store(factory.db_path)
         self.root_cert = factory.root_cert()
+        self.password_guard = PasswordGuard()
         factory.device_ca()  # fail at start, not on the first request
 
 

@@ -84,7 +84,7 @@ class RawTls:
     """One TLS connection to a server, bytes in and replies out, for what `requests`
     will not send: pipelined requests, bad framing, HTTP/0.9."""
 
-    def __init__(self, url: str, ca_file: Path, client=None, timeout: float = 10):
+    def __init__(self, url: str, ca_file: Path, client=None, timeout: float = 10, source: str | None = None):
         import socket
         import ssl
         from urllib.parse import urlsplit
@@ -93,7 +93,8 @@ class RawTls:
         context = ssl.create_default_context(cafile=str(ca_file))
         if client:
             context.load_cert_chain(str(client[1]), str(client[0]))
-        raw = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+        raw = socket.create_connection((parts.hostname, parts.port), timeout=timeout,
+                                       source_address=(source, 0) if source else None)
         self.sock = context.wrap_socket(raw, server_hostname=parts.hostname)
         self.file = self.sock.makefile("rb")
 
