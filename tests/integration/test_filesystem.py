@@ -6,12 +6,62 @@ files outside the device's own storage untouched."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from agentdevice import active_identity, assert_rotated, fake_systemctl, new_device, run_agent
 
 pytestmark = pytest.mark.timeout(240)
+
+
+def snapshot(path: Path) -> tuple[bytes, int, int, int]:
+    """What must not change about a file: content, mode, mtime, inode."""
+    info = os.lstat(path)
+    return path.read_bytes(), info.st_mode, info.st_mtime_ns, info.st_ino
+
+
+def move_behind_symlink(link: Path, target: Path) -> None:
+    """Move ``link``'s file to ``target``; ``link`` becomes a symlink to it (relative
+    when the target is in the same tree, as a provisioning script would make it)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(link, target)
+    inside = target.is_relative_to(link.parent)
+    link.symlink_to(os.path.relpath(target, link.parent) if inside else target)
+
+
+@pytest.mark.bad_input("symlinked old identity")
+@pytest.mark.parametrize("key_target, cert_target", [("inside", "outside"), ("outside", "inside")])
+def test_symlinked_old_key_and_certificate_are_retired_without_touching_outside_files(
+        backend, tmp_path, key_target, cert_target):
+    device, old = new_device(backend, tmp_path, f"dev-link-{key_target}-key")
+    sota = device / "var/sota"
+    targets = {
+        "inside": {"key": sota / "factory/pkey-factory.pem", "cert": sota / "factory/client-factory.pem"},
+        "outside": {"key": tmp_path / "etc-ssl/private/device.key", "cert": tmp_path / "etc-ssl/certs/device.pem"},
+    }
+    key_file = targets[key_target]["key"]
+    cert_file = targets[cert_target]["cert"]
+    move_behind_symlink(sota / "pkey.pem", key_file)
+    move_behind_symlink(sota / "client.pem", cert_file)
+    outside = key_file if key_target == "outside" else cert_file
+    inside = cert_file if key_target == "outside" else key_file
+    outside_before = snapshot(outside)
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+
+    result = run_agent(device, "rotate", "--rotation-id", "certs-linked", bin_dir=bin_dir)
+    assert result.returncode == 0, result.stderr
+    assert_rotated(backend, device, old, device_values={}, local_values=None)
+    # The links are gone; the old file in /var/sota went with its link; the one outside is untouched.
+    assert not os.path.lexists(sota / "pkey.pem") and not os.path.lexists(sota / "client.pem")
+    assert not inside.exists()
+    assert snapshot(outside) == outside_before
+    # A later request is not stuck behind this one.
+    later = run_agent(device, "rotate", "--rotation-id", "certs-after-link", bin_dir=bin_dir)
+    assert later.returncode == 0, later.stderr
+    assert active_identity(device)[1].name == "client-certs-after-link.pem"
+    assert snapshot(outside) == outside_before
 
 
 @pytest.mark.bad_input("hard-linked old key")
