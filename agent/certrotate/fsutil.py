@@ -148,8 +148,19 @@ def remove_stale_temps(directory: Path) -> list[Path]:
 
 
 def ensure_private_dir(directory: Path) -> None:
-    """Create ``directory`` (mode 0700) if missing; tighten it if it is looser."""
+    """Create ``directory`` and each missing parent mode 0700, whatever the umask;
+    tighten ``directory`` if it is looser."""
     directory = Path(directory)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    missing = []
+    for path in (directory, *directory.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:  # another agent, waiting for the lock, made it first
+            continue
+        os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
     if directory.stat().st_mode & 0o077:
         os.chmod(directory, 0o700)

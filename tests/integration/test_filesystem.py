@@ -87,3 +87,23 @@ def test_hard_linked_old_key_is_refused_before_anything_changes(backend, tmp_pat
     resumed = run_agent(device, "rotate", bin_dir=bin_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert_rotated(backend, device, old, device_values={}, local_values=None)
+
+
+@pytest.mark.bad_input("umask 000")
+def test_directories_the_agent_creates_are_0700_under_umask_000(backend, tmp_path):
+    device, old = new_device(backend, tmp_path, "dev-umask")
+    toml = device / "etc/certrotate/certrotate.toml"
+    toml.write_text(toml.read_text() + '\n[storage]\nstate_dir = "/var/lib/certrotate/state"\n')
+    assert not (device / "var/lib").exists()
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+
+    result = run_agent(device, "rotate", "--rotation-id", "certs-umask", bin_dir=bin_dir, umask=0)
+    assert result.returncode == 0, result.stderr
+    state_dir = device / "var/lib/certrotate/state"
+    created = [device / "var/lib", device / "var/lib/certrotate", state_dir, state_dir / "events"]
+    assert {str(d.relative_to(device)): oct(d.stat().st_mode & 0o777) for d in created} == {
+        str(d.relative_to(device)): "0o700" for d in created}
+    key_file, cert_file = active_identity(device)
+    files = {key_file: 0o600, cert_file: 0o644, state_dir / "state.json": 0o600, state_dir / "lock": 0o600}
+    assert {str(f): oct(f.stat().st_mode & 0o777) for f in files} == {str(f): oct(m) for f, m in files.items()}
