@@ -54,6 +54,7 @@ def atomic_write(path: Path, data: bytes, mode: int, *, point: str, keep_mtime: 
     ``point`` names the crash point reached once the new content is in place
     (so a crash there leaves exactly the state this write made). ``keep_mtime``
     gives the new file the old one's modification time, in the same rename.
+    An OSError names ``path``; ``path`` is then as it was and no temporary is left.
     """
     path = Path(path)
     temp = path.with_name(path.name + TEMP_SUFFIX)
@@ -63,22 +64,43 @@ def atomic_write(path: Path, data: bytes, mode: int, *, point: str, keep_mtime: 
             mtime_ns = os.stat(path).st_mtime_ns
         except FileNotFoundError:
             pass
-    _remove_name(temp)  # whatever holds the name (a link, say) is not written through
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        # O_CREAT's mode is filtered by the umask.
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if mtime_ns is not None:
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
+        _remove_name(temp)  # whatever holds the name (a link, say) is not written through
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    except OSError as err:
+        raise _naming(err, path) from err
+    try:
+        try:
+            # O_CREAT's mode is filtered by the umask.
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if mtime_ns is not None:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except OSError as err:
+        _discard(temp)
+        raise _naming(err, path) from err
     fsync_dir(path.parent)
     crashpoints.reach(point)
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` naming ``path`` (write and fsync errors, ENOSPC among them, name no file)."""
+    return OSError(err.errno, err.strerror, str(path))
+
+
+def _discard(temp: Path) -> None:
+    """Wipe and remove a temporary a failed write left: it frees the space the
+    failure handler's own journal save needs, and may hold part of a key."""
+    try:
+        secure_delete(temp)
+    except (OSError, LinkedFileError):
+        pass  # the next run's remove_stale_temps clears it
 
 
 def _remove_name(path: Path) -> None:

@@ -5,7 +5,11 @@ files outside the device's own storage untouched."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -107,3 +111,75 @@ def test_directories_the_agent_creates_are_0700_under_umask_000(backend, tmp_pat
     key_file, cert_file = active_identity(device)
     files = {key_file: 0o600, cert_file: 0o644, state_dir / "state.json": 0o600, state_dir / "lock": 0o600}
     assert {str(f): oct(f.stat().st_mode & 0o777) for f in files} == {str(f): oct(m) for f, m in files.items()}
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, size: str):
+    """A tmpfs of ``size`` mounted on ``directory``: a filesystem that really fills up."""
+    if os.geteuid() != 0:
+        pytest.skip("a full filesystem is made with a tmpfs mount, which needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)],
+                             capture_output=True, text=True, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True, timeout=30)
+
+
+def fill(directory: Path, leave_blocks: int) -> Path:
+    """Fill ``directory``'s filesystem with one file, then free exactly ``leave_blocks`` blocks."""
+    filler = directory / "filler"
+    block = os.statvfs(directory).f_bsize
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        written = 0
+        while True:
+            try:
+                written += os.write(fd, bytes(block))
+            except OSError as err:
+                assert err.errno == errno.ENOSPC, err
+                break
+        os.ftruncate(fd, written - leave_blocks * block)
+    finally:
+        os.close(fd)
+    assert os.statvfs(directory).f_bavail == leave_blocks
+    return filler
+
+
+@pytest.mark.bad_input("disk full")
+def test_disk_full_inside_a_step_names_the_file_and_the_rotation_resumes(backend, tmp_path):
+    device, old = new_device(backend, tmp_path, "dev-disk-full")
+    state_dir = device / "var/sota/certrotate"
+    state_dir.mkdir(mode=0o700)
+    before = {p: snapshot(p) for p in (device / "var/sota").iterdir() if p.is_file()}
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+
+    with small_tmpfs(state_dir, "256k"):
+        # Every small file takes one block. Three free blocks: the journal (1), the
+        # started event (1), the journal's rewrite (1 while both copies exist) and the
+        # new key (1) fit; the issued certificate does not, and then neither does the
+        # failure handler's own journal save or its events.
+        filler = fill(state_dir, leave_blocks=3)
+        full = run_agent(device, "rotate", "--rotation-id", "certs-disk-full", bin_dir=bin_dir)
+        assert full.returncode == 1, full.stderr
+        assert "step 'Generate new certificate' failed" in full.stderr, full.stderr
+        assert f"No space left on device: '{state_dir / 'certs-disk-full.crt'}'" in full.stderr, full.stderr
+        assert "what to do: free space" in full.stderr, full.stderr
+        assert "the failure could not be recorded" in full.stderr, full.stderr  # the handler hit it too
+        assert "PRIVATE KEY" not in full.stderr
+        # The old identity is whole and in use; the journal loads and names the step to resume.
+        assert {p: snapshot(p) for p in before} == before
+        assert active_identity(device) == (device / "var/sota/pkey.pem", device / "var/sota/client.pem")
+        assert backend.gateway(device, "GET", "/device").status_code == 200
+        journal = json.loads((state_dir / "state.json").read_text())
+        assert (journal["current"]["rotation_id"], journal["current"]["step"]) == ("certs-disk-full", 1)
+        assert not list(state_dir.glob("*.certrotate-tmp"))
+
+        filler.unlink()
+        resumed = run_agent(device, "rotate", bin_dir=bin_dir)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "resuming at step 1" in resumed.stderr
+        assert_rotated(backend, device, old, device_values={}, local_values=None)
