@@ -25,8 +25,8 @@ class LinkedFileError(Exception):
     """A secret file with more than one hard link: another name shares its content."""
 
     def __init__(self, path: Path, links: int):
-        super().__init__(f"{path} has {links} hard links: another name holds the same content "
-                         "(a copy of it someone can keep, and that wiping it would destroy)")
+        super().__init__(f"{path} has {links} hard links: another name keeps a copy of its "
+                         "content, which certrotate will neither read as a secret nor wipe")
         self.hint = (f"find the other names (find / -xdev -samefile {path}), remove them "
                      "and run certrotate again")
 
