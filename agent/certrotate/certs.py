@@ -9,6 +9,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from . import fsutil
+
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
@@ -41,9 +43,10 @@ def load_certs(path: Path, origin: str | None = None) -> list[x509.Certificate]:
 
 
 def load_key(path: Path, origin: str | None = None) -> ec.EllipticCurvePrivateKey:
+    """The key in ``path``; fsutil.LinkedFileError when another hard link keeps a copy."""
     origin = origin or str(path)
     try:
-        data = Path(path).read_bytes()
+        data = fsutil.read_secret(path)
     except FileNotFoundError as err:
         raise KeyFileError(f"{origin} is missing", hint="check the sota.toml import paths") from err
     try:

@@ -24,6 +24,9 @@ class EstStep(Step):
 
     def run(self, ctx: Context) -> None:
         rotation = ctx.rotation
+        # Before any new identity is asked for: the old key must be the device's only
+        # copy (a second hard link would keep it after retire).
+        fsutil.refuse_linked(ctx.root(rotation.old_key_file))
         key_path = ctx.journal.new_key_path(rotation.rotation_id)
         cert_path = ctx.journal.new_cert_path(rotation.rotation_id)
         if key_path.exists():

@@ -23,7 +23,7 @@ class FinalizeStep(Step):
             (ctx.journal.new_cert_path(rotation.rotation_id), rotation.new_cert_file, 0o644, "cert"),
         ]
         for source, device_path, mode, what in copies:
-            data = source.read_bytes()
+            data = fsutil.read_secret(source)  # the agent's own files: a second link is foreign
             target = ctx.root(device_path)
             if not target.exists() or target.read_bytes() != data:
                 fsutil.atomic_write(target, data, mode, point=f"finalize:{what}")

@@ -11,6 +11,7 @@ closes the rotation.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 from pathlib import PurePosixPath
@@ -147,7 +148,7 @@ def run(ctx: Context) -> None:
             hint = getattr(err, "hint", None)
             if hint is None and not isinstance(err, OSError):
                 raise  # a bug, not a condition the operator can act on: show the traceback
-            hint = hint or "check the file named above (permissions, free space) and run certrotate rotate again"
+            hint = hint or _os_error_hint(err)
             _fail(ctx, step, err, hint)
         rotation.step += 1
         rotation.last_error = None
@@ -163,6 +164,14 @@ def error_text(err: Exception) -> str:
     return str(err)
 
 
+def _os_error_hint(err: OSError) -> str:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f"the filesystem holding {err.filename}" if err.filename else "the device's filesystems"
+        return (f"free space on {where} (df shows how full it is) and run certrotate rotate "
+                "again; the rotation resumes at this step")
+    return "check the file named above (permissions, free space) and run certrotate rotate again"
+
+
 def _record_error(ctx: Context, step: Step, message: str, hint: str) -> None:
     ctx.rotation.last_error = {"step": step.name, "message": message, "hint": hint}
 
@@ -174,11 +183,17 @@ def _fail(ctx: Context, step: Step, err: Exception, hint: str) -> None:
     rewind_to = getattr(err, "rewind_to", None)
     if isinstance(err, StepError) and rewind_to:
         rotation.step = next(i for i, s in enumerate(STEPS) if s.key == rewind_to)
-    ctx.save(point=f"journal:{step.key}-failed")
-    ctx.events.queue(step.name, rotation.rotation_id, success=False, details=message,
-                     point=f"event:{step.key}-failed")
-    ctx.events.queue(events_mod.COMPLETED, rotation.rotation_id, success=False,
-                     details=f"{step.name}: {message}", point="event:completed-failed")
+    try:
+        ctx.save(point=f"journal:{step.key}-failed")
+        ctx.events.queue(step.name, rotation.rotation_id, success=False, details=message,
+                         point=f"event:{step.key}-failed")
+        ctx.events.queue(events_mod.COMPLETED, rotation.rotation_id, success=False,
+                         details=f"{step.name}: {message}", point="event:completed-failed")
+    except OSError as unrecorded:
+        # A full disk fails this too; the step's own error is the one to report. The
+        # journal on disk is whole (written atomically) and resumes the rotation.
+        log.error("rotation %s: the failure could not be recorded (%s); the server may "
+                  "not hear of it", rotation.rotation_id, unrecorded)
     raise RotationFailed(step, message, hint) from err
 
 

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from certrotate import crashpoints, fsutil
+from certrotate import certs, crashpoints, fsutil, pki
 
 
 @pytest.fixture
@@ -35,11 +35,13 @@ def test_atomic_write_mode_ignores_umask(tmp_path):
 def test_secure_delete_zeroes_the_data_before_unlinking(tmp_path, trace):
     key = tmp_path / "pkey.pem"
     key.write_bytes(b"-----BEGIN PRIVATE KEY-----secret")
-    other_name = tmp_path / "hardlink"
-    os.link(key, other_name)  # sees the same inode after the unlink
-    assert fsutil.secure_delete(key, point="test:delete") is True
-    assert not key.exists()
-    assert other_name.read_bytes() == bytes(len(b"-----BEGIN PRIVATE KEY-----secret"))
+    still_open = os.open(key, os.O_RDONLY)  # sees the same inode after the unlink
+    try:
+        assert fsutil.secure_delete(key, point="test:delete") is True
+        assert not key.exists()
+        assert os.pread(still_open, 100, 0) == bytes(len(b"-----BEGIN PRIVATE KEY-----secret"))
+    finally:
+        os.close(still_open)
     assert fsutil.secure_delete(key) is False
     assert trace.read_text() == "test:delete\n"
 
@@ -70,3 +72,69 @@ def test_atomic_write_can_keep_the_replaced_files_mtime(tmp_path):
     assert target.stat().st_mtime_ns == 1_700_000_000_123_456_789
     fsutil.atomic_write(tmp_path / "absent", b"x", 0o600, point="test:new", keep_mtime=True)
     assert (tmp_path / "absent").read_bytes() == b"x"
+
+
+PRECIOUS = b"root:$6$precious:19000:0:99999:7:::\n"
+
+
+@pytest.fixture
+def precious(tmp_path):
+    """A file someone else owns, on the same filesystem as the agent's directories."""
+    path = tmp_path / "etc-shadow"
+    path.write_bytes(PRECIOUS)
+    os.chmod(path, 0o640)
+    return path
+
+
+@pytest.mark.bad_input("hard-linked temp name")
+def test_stale_temp_cleanup_unlinks_a_hard_link_without_wiping_what_it_shares(tmp_path, precious):
+    state = tmp_path / "state"
+    state.mkdir()
+    temp = state / ("state.json" + fsutil.TEMP_SUFFIX)
+    os.link(precious, temp)
+    assert fsutil.remove_stale_temps(state) == [temp]
+    assert not temp.exists()
+    assert precious.read_bytes() == PRECIOUS
+    assert os.stat(precious).st_nlink == 1
+
+
+@pytest.mark.bad_input("symlinked temp name")
+def test_stale_temp_cleanup_removes_a_symlink_not_its_target(tmp_path, precious):
+    state = tmp_path / "state"
+    state.mkdir()
+    temp = state / ("pkey.pem" + fsutil.TEMP_SUFFIX)
+    temp.symlink_to(precious)
+    assert fsutil.remove_stale_temps(state) == [temp]
+    assert not os.path.lexists(temp)
+    assert precious.read_bytes() == PRECIOUS
+
+
+@pytest.mark.bad_input("pre-placed temp name")
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_atomic_write_replaces_a_pre_placed_temp_name_instead_of_writing_through_it(
+        tmp_path, precious, link):
+    state = tmp_path / "state"
+    state.mkdir()
+    target = state / "state.json"
+    temp = state / ("state.json" + fsutil.TEMP_SUFFIX)
+    os.link(precious, temp) if link == "hard" else temp.symlink_to(precious)
+    fsutil.atomic_write(target, b'{"schema": 1}\n', 0o600, point="test:write")
+    assert precious.read_bytes() == PRECIOUS
+    assert os.stat(precious).st_mode & 0o777 == 0o640
+    assert target.read_bytes() == b'{"schema": 1}\n'
+    assert os.stat(target).st_ino != os.stat(precious).st_ino
+    assert not os.path.lexists(temp)
+
+
+@pytest.mark.bad_input("hard-linked key")
+def test_a_key_with_another_hard_link_is_neither_read_nor_wiped(tmp_path):
+    key = tmp_path / "pkey.pem"
+    key.write_bytes(certs.key_pem(pki.new_key()))
+    copy = tmp_path / "kept-copy.pem"
+    os.link(key, copy)
+    with pytest.raises(fsutil.LinkedFileError, match=r"pkey.pem has 2 hard links") as refused:
+        certs.load_key(key)
+    assert "samefile" in refused.value.hint
+    with pytest.raises(fsutil.LinkedFileError, match=r"pkey.pem has 2 hard links"):
+        fsutil.secure_delete(key)
+    assert key.read_bytes() == copy.read_bytes() != bytes(len(copy.read_bytes()))

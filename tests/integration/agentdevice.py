@@ -58,14 +58,15 @@ def fake_systemctl(directory: Path, active: tuple[str, ...] = ("aktualizr-lite.s
 
 
 def run_agent(device_root: Path, *args: str, bin_dir: Path, env: dict | None = None,
-              timeout: float = AGENT_TIMEOUT) -> subprocess.CompletedProcess:
+              timeout: float = AGENT_TIMEOUT, umask: int = -1) -> subprocess.CompletedProcess:
+    """Run the agent on ``device_root``; ``umask`` (-1: the test's own) is the child's."""
     # INVOCATION_ID tells the agent it runs under systemd: only a test that says so sets it.
     environment = {k: v for k, v in os.environ.items()
                    if not k.startswith("CERTROTATE_") and k != "INVOCATION_ID"}
     environment["PATH"] = f"{bin_dir}:{environment.get('PATH', '/usr/bin:/bin')}"
     environment.update(env or {})
     return subprocess.run([*agent_command(), "--root", str(device_root), *args],
-                          capture_output=True, text=True, timeout=timeout, env=environment)
+                          capture_output=True, text=True, timeout=timeout, env=environment, umask=umask)
 
 
 def active_identity(device_root: Path) -> tuple[Path, Path]:
