@@ -20,7 +20,7 @@ import json
 from typing import Callable
 
 from . import policy
-from .config import ConfigError, Root, load_agent, load_sota
+from .config import ConfigError, Root, check_est_url, load_agent, load_sota
 
 log = logging.getLogger("certrotate")
 
@@ -113,7 +113,8 @@ def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason
 
 
 def cmd_rotate(args, edges: Edges) -> int:
-    return rotate(edges, args.rotation_id, args.est_server, args.reason)
+    est_server = args.est_server and check_est_url(args.est_server, "--est-server")
+    return rotate(edges, args.rotation_id, est_server, args.reason)
 
 
 def cmd_check(args, edges: Edges) -> int:
@@ -189,7 +190,8 @@ def cmd_handler(args, edges: Edges) -> int:
             f"{config_file} sets no {' and no '.join(missing)}",
             hint="send the rotation again with fioctl devices config rotate-certs",
         )
-    rotation_id, est_server = settings["ROTATIONID"], settings["ESTSERVER"]
+    rotation_id = settings["ROTATIONID"]
+    est_server = check_est_url(settings["ESTSERVER"], f"ESTSERVER in {config_file}")
     # fioconfig runs a handler once per config change: a request turned away because
     # the timer's run holds the lock would be lost, so wait for that run a while.
     if os.environ.get("INVOCATION_ID"):

@@ -21,6 +21,7 @@ SOTA_TOML = "/var/sota/sota.toml"
 CERTROTATE_TOML = "/etc/certrotate/certrotate.toml"
 TLS_KEY = "tls_pkey_path"
 TLS_CERT = "tls_clientcert_path"
+_HTTPS_URL = re.compile(r"^https://[^/?#\s]+", re.IGNORECASE)
 
 
 class ConfigError(Exception):
@@ -76,6 +77,17 @@ class AgentConfig:
 
     def __eq__(self, other) -> bool:
         return isinstance(other, AgentConfig) and vars(self) == vars(other)
+
+
+def check_est_url(url: str, source: str) -> str:
+    """``url`` if it is https with a host: the CSR must not travel in plain text."""
+    if not _HTTPS_URL.match(url):
+        raise ConfigError(
+            f"{source}: EST server URL {url!r} is not https",
+            hint="use an https:// URL (e.g. https://est.example.org/.well-known/est): certrotate "
+            "sends the CSR and fetches the certificate over TLS only",
+        )
+    return url
 
 
 def sota_files(root: Root) -> list[str]:
@@ -187,7 +199,8 @@ def load_agent(root: Root) -> AgentConfig:
                 f"{CERTROTATE_TOML}: {section} must be a table",
                 hint=f"write [{section}] as a section header",
             )
-    config.est_server = pick("est", "server", str, "") or None
+    est_server = pick("est", "server", str, "")
+    config.est_server = check_est_url(est_server, f"{CERTROTATE_TOML}: est.server") if est_server else None
     config.est_label = pick("est", "label", str, config.est_label)
     config.est_ca_bundle = pick("est", "ca_bundle", str, config.est_ca_bundle)
     config.lifetime_fraction = pick("renewal", "lifetime_fraction", float, config.lifetime_fraction)

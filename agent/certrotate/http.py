@@ -5,6 +5,8 @@ given to ``make_session`` and its certificate must name the host in the URL.
 There is no way to turn that off, not even through environment variables
 (``REQUESTS_CA_BUNDLE`` and friends are ignored for verification).
 
+Only https URLs are sent: a plain-text URL is refused before any byte leaves.
+
 Reads are bounded: a reply body larger than ``max_body`` is refused before
 more of it is read. Connect failures, timeouts, broken or truncated bodies and
 5xx answers are retried with capped exponential backoff and jitter; what is
@@ -130,6 +132,11 @@ def send(
     decides what a 4xx means. A 5xx still present after the last attempt
     raises ``TransportError`` with ``status`` set.
     """
+    if urlsplit(url).scheme != "https":
+        raise TransportError(
+            f"{method} {url}: refused, the URL is not https (it would travel in plain text)",
+            hint="use an https:// URL",
+        )
     crashpoints.reach(point + ":send")
     last: TransportError | None = None
     for attempt in range(attempts):

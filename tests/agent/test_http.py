@@ -198,3 +198,11 @@ def test_crash_points_mark_send_and_reply(server, session, tmp_path, monkeypatch
     server.answer = lambda request: next(answers)
     http.send(session, "GET", server.url, point="est:cacerts", sleep=Sleeps())
     assert trace.read_text().splitlines() == ["est:cacerts:send", "est:cacerts:reply"]
+
+
+@pytest.mark.bad_input("plain-http EST URL")
+def test_plain_http_is_refused_unsent(session):
+    with pytest.raises(http.TransportError, match="not https") as caught:
+        http.send(session, "POST", "http://127.0.0.1:1/.well-known/est/simplereenroll", point="t",
+                  data=b"csr", sleep=Sleeps())
+    assert "https://" in caught.value.hint
