@@ -1,8 +1,9 @@
 """The ``certrotate`` command.
 
-Exit codes (docs/contracts.md): 0 done or nothing due; 1 a step failed, the
-rotation stays resumable; 2 usage or configuration error; 3 another agent
-holds the lock; 4 the EST server asked to wait, retry later.
+Exit codes (docs/contracts.md): 0 done or nothing due; 1 a step failed (the
+run's deadline passing included), the rotation stays resumable; 2 usage or
+configuration error; 3 another agent holds the lock; 4 the EST server asked
+to wait, retry later.
 
 ``check`` is what a systemd timer runs often: with nothing due it reads two
 small files and returns, importing neither requests nor cryptography (the
@@ -33,21 +34,25 @@ HANDLER_LOCK_WAIT = 300.0
 class Edges:
     """What the agent touches outside itself, passed in so tests can drive it.
 
-    ``systemd`` is a certrotate.systemd.Systemd; None means the real systemctl.
+    ``clock`` is wall time, ``monotonic`` measures deadlines; ``systemd`` is a
+    certrotate.systemd.Systemd, None meaning the real systemctl.
     """
 
     def __init__(self, root: Root, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, systemd=None):
+                 sleep: Callable[[float], None] = time.sleep, systemd=None,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.root = root
         self.clock = clock
         self.sleep = sleep
         self.systemd = systemd
+        self.monotonic = monotonic
 
 
 def open_context(edges: Edges, lock_wait: float = 0.0):
     """Load the configuration, take the lock (trying for ``lock_wait`` seconds), load
-    the journal: ready to rotate."""
+    the journal: ready to rotate. The run's deadline starts once the lock is held."""
     from . import fsutil
+    from .deadline import Deadline
     from .events import EventQueue, current_target
     from .journal import Journal
     from .step import Context
@@ -70,6 +75,7 @@ def open_context(edges: Edges, lock_wait: float = 0.0):
         root=root, sota=sota, agent=agent, journal=journal, state=state,
         events=EventQueue(journal.dir, clock=edges.clock, target=target),
         systemd=edges.systemd or Systemd(), clock=edges.clock, sleep=edges.sleep,
+        deadline=Deadline(agent.run_deadline, edges.monotonic),
     )
 
 
@@ -255,14 +261,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.time,
-         sleep: Callable[[float], None] = time.sleep, systemd=None) -> int:
+         sleep: Callable[[float], None] = time.sleep, systemd=None,
+         monotonic: Callable[[], float] = time.monotonic) -> int:
     args = parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("certrotate: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
-    edges = Edges(Root(args.root), clock=clock, sleep=sleep, systemd=systemd)
+    edges = Edges(Root(args.root), clock=clock, sleep=sleep, systemd=systemd, monotonic=monotonic)
     try:
         return args.func(args, edges)
     except OSError as err:

@@ -4,7 +4,8 @@ Requests and replies are base64 (line breaks tolerated on input, output
 wrapped at 64 columns); media types are compared case-insensitively with
 their parameters ignored. A 202 answer is waited out (Retry-After in seconds
 or as an HTTP date) and the same CSR sent again, for at most ``max_wait``
-seconds in all. Transient network failures are retried by ``http.send``.
+seconds in all, never past the run's deadline. Transient network failures are
+retried by ``http.send``.
 Every failure is an ``EstError`` saying what the server did and what the
 operator can do.
 """
@@ -22,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from . import http
+from .deadline import Deadline
 from .pki import der_items, der_oid, der_parse
 
 PKCS7_MIME = "application/pkcs7-mime"
@@ -53,13 +55,18 @@ class EstClient:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         max_wait: float = 900.0,
+        run: Deadline | None = None,
+        reply_within: float = http.REPLY_DEADLINE,
     ):
-        """``base_url`` ends in /.well-known/est; ``client_cert`` is (cert_path, key_path)."""
+        """``base_url`` ends in /.well-known/est; ``client_cert`` is (cert_path, key_path);
+        ``run`` is the run's deadline."""
         self.base_url = base_url.rstrip("/") + (f"/{label.strip('/')}" if label else "")
         self.session = http.make_session(ca_file, client_cert)
         self.sleep = sleep
         self.clock = clock
         self.max_wait = max_wait
+        self.run = run or Deadline(None)
+        self.reply_within = reply_within
 
     def cacerts(self) -> list[x509.Certificate]:
         """The EST CA's certificates (/cacerts)."""
@@ -97,11 +104,11 @@ class EstClient:
             if reply.status != 202:
                 break
             wait = self._retry_after(reply)
-            if waited + wait > self.max_wait:
+            if waited + wait > self.max_wait or wait >= self.run.left():
                 raise EstPending(
                     f"EST {operation}: the server is still processing the request after "
                     f"{waited:.0f} s of waiting (it asks for {wait:.0f} s more; the bound is "
-                    f"{self.max_wait:.0f} s)",
+                    f"{self.max_wait:.0f} s, the run's deadline comes in {self.run.left():.0f} s)",
                     hint="the request waits for the EST server (manual approval?); run the "
                     "rotation again later to collect the certificate",
                     status=202,
@@ -114,7 +121,7 @@ class EstClient:
         url = f"{self.base_url}/{operation}"
         try:
             return http.send(self.session, method, url, point=f"est:{operation}",
-                             sleep=self.sleep, **kwargs)
+                             sleep=self.sleep, reply_within=self.reply_within, run=self.run, **kwargs)
         except http.TransportError as err:
             raise EstError(f"EST {operation}: {err.args[0]}", hint=err.hint, status=err.status) from err
 

@@ -45,6 +45,8 @@ class EstStep(Step):
             label=ctx.agent.est_label,
             sleep=ctx.sleep,
             clock=ctx.clock,
+            run=ctx.deadline,
+            reply_within=ctx.agent.request_deadline,
         )
         issued = client.simplereenroll(pki.build_csr(key, current))
         anchors = certs.load_certs(ctx.ca_file(), ctx.sota.ca_file)
