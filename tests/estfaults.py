@@ -295,6 +295,10 @@ class Sleeps(list):
     def __call__(self, seconds: float) -> None:
         self.append(seconds)
 
+    def elapsed(self) -> float:
+        """A monotonic clock that moves by the recorded waits only."""
+        return sum(self)
+
 
 # Fixtures for the unit tests that talk to this server (imported by them).
 

@@ -2,8 +2,8 @@
 
 Exit codes (docs/contracts.md): 0 done or nothing due; 1 a step failed (the
 run's deadline passing included), the rotation stays resumable; 2 usage or
-configuration error; 3 another agent holds the lock; 4 the EST server asked
-to wait, retry later.
+configuration error; 3 another agent holds the lock; 4 the EST enrollment is
+still pending (202) when the run stops waiting for it, retry later.
 
 ``check`` is what a systemd timer runs often: with nothing due it reads two
 small files and returns, importing neither requests nor cryptography (the
@@ -238,7 +238,8 @@ def parser() -> argparse.ArgumentParser:
         prog="certrotate",
         description="Rotate the device's TLS client key and certificate (EST re-enrollment).",
         epilog="exit codes: 0 done or nothing due; 1 a step failed (resumable); 2 usage or "
-        "configuration error; 3 another certrotate is running; 4 EST server asked to wait",
+        "configuration error; 3 another certrotate is running; 4 EST enrollment still pending, "
+        "run again later",
     )
     top.add_argument("--root", default="/", metavar="DIR",
                      help="treat DIR as the device's / (every absolute device path is taken under it)")

@@ -72,6 +72,7 @@ class AgentConfig:
         self.est_server: str | None = None
         self.est_label = ""
         self.est_ca_bundle = ""  # device path of extra CA certificates to find the issuing CA
+        self.est_max_wait = 900.0  # seconds a run waits out an enrollment the server holds pending (202)
         self.request_deadline = 60.0  # seconds for the whole reply to one request
         self.run_deadline = RUN_DEADLINE_MAX
         self.lifetime_fraction = 0.667
@@ -208,9 +209,11 @@ def load_agent(root: Root) -> AgentConfig:
     config.est_server = check_est_url(est_server, f"{CERTROTATE_TOML}: est.server") if est_server else None
     config.est_label = pick("est", "label", str, config.est_label)
     config.est_ca_bundle = pick("est", "ca_bundle", str, config.est_ca_bundle)
+    config.est_max_wait = pick("est", "max_wait", float, config.est_max_wait)
     config.request_deadline = pick("deadlines", "request", float, config.request_deadline)
     config.run_deadline = pick("deadlines", "run", float, config.run_deadline)
-    for name, value, most in (("deadlines.request", config.request_deadline, None),
+    for name, value, most in (("est.max_wait", config.est_max_wait, None),
+                              ("deadlines.request", config.request_deadline, None),
                               ("deadlines.run", config.run_deadline, RUN_DEADLINE_MAX)):
         if not value > 0 or (most is not None and value > most):
             bound = f"more than 0 and at most {most:g}" if most else "more than 0"

@@ -45,6 +45,7 @@ class EstStep(Step):
             label=ctx.agent.est_label,
             sleep=ctx.sleep,
             clock=ctx.clock,
+            max_wait=ctx.agent.est_max_wait,
             run=ctx.deadline,
             reply_within=ctx.agent.request_deadline,
         )

@@ -12,6 +12,7 @@ run completes the rotation.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import re
 import subprocess
@@ -216,6 +217,28 @@ def test_est_server_certificate_naming_another_host(module_backend, tmp_path):
 # Servers that would keep a run, and its lock, alive for ever. Each run must end on
 # its own within its bound plus SLACK (start-up and exit of the agent on a loaded machine).
 SLACK = 8.0
+
+
+def pending(retry_after: str):
+    """A fault: 202 (still processing) with this Retry-After."""
+    return lambda server, request: Answer(status=202, content_type=None, headers={"Retry-After": retry_after})
+
+
+@pytest.mark.bad_input("EST 202 asking for no wait")
+@pytest.mark.parametrize("retry_after", ["0", "an hour ago"])
+def test_pending_enrollment_asking_for_no_wait_ends_with_exit_4(retry_after, module_backend, faulty, tmp_path):
+    if retry_after == "an hour ago":
+        retry_after = email.utils.formatdate(time.time() - 3600, usegmt=True)
+    faulty.answer = only_reenroll(faulty, pending(retry_after))
+    _, elapsed = fail_then_resume(
+        module_backend, faulty, tmp_path, f"pending-{len(retry_after)}", r"EST simplereenroll: the server still holds "
+        r"the request pending \(202\) after \d+ requests in \d+ s", settings={"est": {"max_wait": 4}},
+        code=4, within=4 + SLACK)
+    reenrolls = [r for r in faulty.requests if r.operation == "simplereenroll"]
+    # The first request, then one a second at most (the floor of any Retry-After) for 4 s;
+    # the relay's requests come after.
+    failing = reenrolls[:len(reenrolls) - 1]
+    assert 2 <= len(failing) <= 6, (len(failing), elapsed)
 
 
 @pytest.mark.bad_input("EST reply dribbled a byte at a time")
