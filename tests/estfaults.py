@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import io
 import socket
 import ssl
 import struct
@@ -61,6 +62,9 @@ class Answer:
     -1: no Content-Length, the body ends when the connection closes).
     ``reset_after`` sends that many body bytes, then resets the connection
     (TCP RST). ``cut_after`` sends that many body bytes, then closes cleanly.
+    ``drip`` sends the whole reply, status line and headers included, one byte
+    every ``drip`` seconds (each byte its own TLS record): a server too slow to
+    ever finish, yet never silent long enough for a per-read timeout.
     """
 
     status: int = 200
@@ -70,6 +74,7 @@ class Answer:
     declared_length: int | None = None
     reset_after: int | None = None
     cut_after: int | None = None
+    drip: float | None = None
 
 
 def der_tlv(tag: int, content: bytes) -> bytes:
@@ -241,6 +246,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve()
 
     def _serve(self):
+        answer = self._answer()
+        if answer.drip is None:
+            self._send(answer)
+            return
+        wire, self.wfile = self.wfile, io.BytesIO()
+        self._send(answer)
+        for byte in self.wfile.getvalue():
+            wire.write(bytes([byte]))
+            time.sleep(answer.drip)
+
+    def _answer(self) -> Answer:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         peer = self.connection.getpeercert(binary_form=True)
@@ -250,7 +266,9 @@ class _Handler(BaseHTTPRequestHandler):
         )
         est = self.server.est
         est.requests.append(request)
-        answer = est.answer(request)
+        return est.answer(request)
+
+    def _send(self, answer: Answer) -> None:
         self.close_connection = True
         self.send_response(answer.status)
         if answer.content_type:
@@ -276,6 +294,10 @@ class Sleeps(list):
 
     def __call__(self, seconds: float) -> None:
         self.append(seconds)
+
+    def elapsed(self) -> float:
+        """A monotonic clock that moves by the recorded waits only."""
+        return sum(self)
 
 
 # Fixtures for the unit tests that talk to this server (imported by them).

@@ -1,8 +1,9 @@
 """The ``certrotate`` command.
 
-Exit codes (docs/contracts.md): 0 done or nothing due; 1 a step failed, the
-rotation stays resumable; 2 usage or configuration error; 3 another agent
-holds the lock; 4 the EST server asked to wait, retry later.
+Exit codes (docs/contracts.md): 0 done or nothing due; 1 a step failed (the
+run's deadline passing included), the rotation stays resumable; 2 usage or
+configuration error; 3 another agent holds the lock; 4 the EST enrollment is
+still pending (202) when the run stops waiting for it, retry later.
 
 ``check`` is what a systemd timer runs often: with nothing due it reads two
 small files and returns, importing neither requests nor cryptography (the
@@ -20,7 +21,7 @@ import json
 from typing import Callable
 
 from . import policy
-from .config import ConfigError, Root, load_agent, load_sota
+from .config import ConfigError, Root, check_est_url, load_agent, load_sota
 
 log = logging.getLogger("certrotate")
 
@@ -33,21 +34,25 @@ HANDLER_LOCK_WAIT = 300.0
 class Edges:
     """What the agent touches outside itself, passed in so tests can drive it.
 
-    ``systemd`` is a certrotate.systemd.Systemd; None means the real systemctl.
+    ``clock`` is wall time, ``monotonic`` measures deadlines; ``systemd`` is a
+    certrotate.systemd.Systemd, None meaning the real systemctl.
     """
 
     def __init__(self, root: Root, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, systemd=None):
+                 sleep: Callable[[float], None] = time.sleep, systemd=None,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.root = root
         self.clock = clock
         self.sleep = sleep
         self.systemd = systemd
+        self.monotonic = monotonic
 
 
 def open_context(edges: Edges, lock_wait: float = 0.0):
     """Load the configuration, take the lock (trying for ``lock_wait`` seconds), load
-    the journal: ready to rotate."""
+    the journal: ready to rotate. The run's deadline starts once the lock is held."""
     from . import fsutil
+    from .deadline import Deadline
     from .events import EventQueue, current_target
     from .journal import Journal
     from .step import Context
@@ -70,6 +75,7 @@ def open_context(edges: Edges, lock_wait: float = 0.0):
         root=root, sota=sota, agent=agent, journal=journal, state=state,
         events=EventQueue(journal.dir, clock=edges.clock, target=target),
         systemd=edges.systemd or Systemd(), clock=edges.clock, sleep=edges.sleep,
+        deadline=Deadline(agent.run_deadline, edges.monotonic),
     )
 
 
@@ -113,7 +119,8 @@ def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason
 
 
 def cmd_rotate(args, edges: Edges) -> int:
-    return rotate(edges, args.rotation_id, args.est_server, args.reason)
+    est_server = args.est_server and check_est_url(args.est_server, "--est-server")
+    return rotate(edges, args.rotation_id, est_server, args.reason)
 
 
 def cmd_check(args, edges: Edges) -> int:
@@ -189,7 +196,8 @@ def cmd_handler(args, edges: Edges) -> int:
             f"{config_file} sets no {' and no '.join(missing)}",
             hint="send the rotation again with fioctl devices config rotate-certs",
         )
-    rotation_id, est_server = settings["ROTATIONID"], settings["ESTSERVER"]
+    rotation_id = settings["ROTATIONID"]
+    est_server = check_est_url(settings["ESTSERVER"], f"ESTSERVER in {config_file}")
     # fioconfig runs a handler once per config change: a request turned away because
     # the timer's run holds the lock would be lost, so wait for that run a while.
     if os.environ.get("INVOCATION_ID"):
@@ -230,7 +238,8 @@ def parser() -> argparse.ArgumentParser:
         prog="certrotate",
         description="Rotate the device's TLS client key and certificate (EST re-enrollment).",
         epilog="exit codes: 0 done or nothing due; 1 a step failed (resumable); 2 usage or "
-        "configuration error; 3 another certrotate is running; 4 EST server asked to wait",
+        "configuration error; 3 another certrotate is running; 4 EST enrollment still pending, "
+        "run again later",
     )
     top.add_argument("--root", default="/", metavar="DIR",
                      help="treat DIR as the device's / (every absolute device path is taken under it)")
@@ -253,14 +262,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, *, clock: Callable[[], float] = time.time,
-         sleep: Callable[[float], None] = time.sleep, systemd=None) -> int:
+         sleep: Callable[[float], None] = time.sleep, systemd=None,
+         monotonic: Callable[[], float] = time.monotonic) -> int:
     args = parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("certrotate: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
-    edges = Edges(Root(args.root), clock=clock, sleep=sleep, systemd=systemd)
+    edges = Edges(Root(args.root), clock=clock, sleep=sleep, systemd=systemd, monotonic=monotonic)
     try:
         return args.func(args, edges)
     except OSError as err:

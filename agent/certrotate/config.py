@@ -21,6 +21,10 @@ SOTA_TOML = "/var/sota/sota.toml"
 CERTROTATE_TOML = "/etc/certrotate/certrotate.toml"
 TLS_KEY = "tls_pkey_path"
 TLS_CERT = "tls_clientcert_path"
+# Seconds one run may work under the lock, by default and at most: certrotate.service's
+# TimeoutStartSec sits above it (tests/layer checks), so it can be shortened, not lengthened.
+RUN_DEADLINE_MAX = 1200.0
+_HTTPS_URL = re.compile(r"^https://[^/?#\s]+", re.IGNORECASE)
 
 
 class ConfigError(Exception):
@@ -68,6 +72,9 @@ class AgentConfig:
         self.est_server: str | None = None
         self.est_label = ""
         self.est_ca_bundle = ""  # device path of extra CA certificates to find the issuing CA
+        self.est_max_wait = 900.0  # seconds a run waits out an enrollment the server holds pending (202)
+        self.request_deadline = 60.0  # seconds for the whole reply to one request
+        self.run_deadline = RUN_DEADLINE_MAX
         self.lifetime_fraction = 0.667
         self.max_age_days = 365.0
         self.restart = ["aktualizr-lite.service", "fioconfig.service"]
@@ -76,6 +83,17 @@ class AgentConfig:
 
     def __eq__(self, other) -> bool:
         return isinstance(other, AgentConfig) and vars(self) == vars(other)
+
+
+def check_est_url(url: str, source: str) -> str:
+    """``url`` if it is https with a host: the CSR must not travel in plain text."""
+    if not _HTTPS_URL.match(url):
+        raise ConfigError(
+            f"{source}: EST server URL {url!r} is not https",
+            hint="use an https:// URL (e.g. https://est.example.org/.well-known/est): certrotate "
+            "sends the CSR and fetches the certificate over TLS only",
+        )
+    return url
 
 
 def sota_files(root: Root) -> list[str]:
@@ -187,9 +205,22 @@ def load_agent(root: Root) -> AgentConfig:
                 f"{CERTROTATE_TOML}: {section} must be a table",
                 hint=f"write [{section}] as a section header",
             )
-    config.est_server = pick("est", "server", str, "") or None
+    est_server = pick("est", "server", str, "")
+    config.est_server = check_est_url(est_server, f"{CERTROTATE_TOML}: est.server") if est_server else None
     config.est_label = pick("est", "label", str, config.est_label)
     config.est_ca_bundle = pick("est", "ca_bundle", str, config.est_ca_bundle)
+    config.est_max_wait = pick("est", "max_wait", float, config.est_max_wait)
+    config.request_deadline = pick("deadlines", "request", float, config.request_deadline)
+    config.run_deadline = pick("deadlines", "run", float, config.run_deadline)
+    for name, value, most in (("est.max_wait", config.est_max_wait, None),
+                              ("deadlines.request", config.request_deadline, None),
+                              ("deadlines.run", config.run_deadline, RUN_DEADLINE_MAX)):
+        if not value > 0 or (most is not None and value > most):
+            bound = f"more than 0 and at most {most:g}" if most else "more than 0"
+            raise ConfigError(
+                f"{CERTROTATE_TOML}: {name} must be {bound} seconds, not {value:g}",
+                hint=f"fix {name} in {CERTROTATE_TOML}, or remove it for the default",
+            )
     config.lifetime_fraction = pick("renewal", "lifetime_fraction", float, config.lifetime_fraction)
     if not 0 < config.lifetime_fraction <= 1:
         raise ConfigError(

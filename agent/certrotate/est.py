@@ -3,8 +3,10 @@
 Requests and replies are base64 (line breaks tolerated on input, output
 wrapped at 64 columns); media types are compared case-insensitively with
 their parameters ignored. A 202 answer is waited out (Retry-After in seconds
-or as an HTTP date) and the same CSR sent again, for at most ``max_wait``
-seconds in all. Transient network failures are retried by ``http.send``.
+or as an HTTP date, never less than a second) and the same CSR sent again: at
+most MAX_RESENDS times, for at most ``max_wait`` seconds from the first
+request (on the run's monotonic clock), and never past the run's deadline.
+Transient network failures are retried by ``http.send``.
 Every failure is an ``EstError`` saying what the server did and what the
 operator can do.
 """
@@ -22,12 +24,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from . import http
+from .deadline import Deadline
 from .pki import der_items, der_oid, der_parse
 
 PKCS7_MIME = "application/pkcs7-mime"
 PKCS10 = "application/pkcs10"
 CSRATTRS = "application/csrattrs"
-DEFAULT_RETRY_AFTER = 60.0  # seconds, when a 202 does not say
+DEFAULT_RETRY_AFTER = 60.0  # seconds, when a 202 does not say (or says nothing readable)
+# A Retry-After of 0 or a past date would have the agent resend as fast as the server answers.
+MIN_RETRY_AFTER = 1.0
+# The server's default Retry-After (30 s) fills the default 900 s wait with 30 resends.
+MAX_RESENDS = 30
 
 T = TypeVar("T")
 _SIGNED_DATA = der_oid("1.2.840.113549.1.7.2")
@@ -39,7 +46,7 @@ class EstError(http.TransportError):
 
 
 class EstPending(EstError):
-    """The EST server kept answering 202 for longer than the wait bound."""
+    """The EST server kept answering 202 past a wait bound (exit code 4)."""
 
 
 class EstClient:
@@ -53,13 +60,20 @@ class EstClient:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         max_wait: float = 900.0,
+        run: Deadline | None = None,
+        reply_within: float = http.REPLY_DEADLINE,
     ):
-        """``base_url`` ends in /.well-known/est; ``client_cert`` is (cert_path, key_path)."""
+        """``base_url`` ends in /.well-known/est; ``client_cert`` is (cert_path, key_path).
+
+        ``clock`` is wall time (for Retry-After dates); ``run`` the run's deadline, whose
+        monotonic clock also measures the wait for a 202."""
         self.base_url = base_url.rstrip("/") + (f"/{label.strip('/')}" if label else "")
         self.session = http.make_session(ca_file, client_cert)
         self.sleep = sleep
         self.clock = clock
         self.max_wait = max_wait
+        self.run = run or Deadline(None)
+        self.reply_within = reply_within
 
     def cacerts(self) -> list[x509.Certificate]:
         """The EST CA's certificates (/cacerts)."""
@@ -91,30 +105,42 @@ class EstClient:
     def _enroll(self, operation: str, csr, headers: dict[str, str]) -> list[x509.Certificate]:
         body = wrap64(csr.public_bytes(serialization.Encoding.DER))
         headers = {"Content-Type": PKCS10, "Content-Transfer-Encoding": "base64", **headers}
-        waited = 0.0
+        started = self.run.clock()
+        sent = 0
         while True:
             reply = self._send("POST", operation, data=body, headers=headers)
+            sent += 1
             if reply.status != 202:
                 break
             wait = self._retry_after(reply)
-            if waited + wait > self.max_wait:
+            waited = self.run.clock() - started
+            why_stop = self._why_stop_waiting(sent, waited, wait)
+            if why_stop:
                 raise EstPending(
-                    f"EST {operation}: the server is still processing the request after "
-                    f"{waited:.0f} s of waiting (it asks for {wait:.0f} s more; the bound is "
-                    f"{self.max_wait:.0f} s)",
+                    f"EST {operation}: the server still holds the request pending (202) after "
+                    f"{sent} requests in {waited:.0f} s; it asks for {wait:.0f} s more, and {why_stop}",
                     hint="the request waits for the EST server (manual approval?); run the "
                     "rotation again later to collect the certificate",
                     status=202,
                 )
             self.sleep(wait)
-            waited += wait
         return self._certs(reply, operation)
+
+    def _why_stop_waiting(self, sent: int, waited: float, wait: float) -> str | None:
+        """Why another ``wait`` and resend would go past a bound; None if it would not."""
+        if sent > MAX_RESENDS:
+            return f"{MAX_RESENDS} resends are the most a run sends"
+        if waited + wait > self.max_wait:
+            return f"the wait bound is {self.max_wait:.0f} s (est.max_wait)"
+        if wait >= self.run.left():
+            return f"the run's {self.run.seconds:g} s deadline comes first"
+        return None
 
     def _send(self, method: str, operation: str, **kwargs) -> http.Reply:
         url = f"{self.base_url}/{operation}"
         try:
             return http.send(self.session, method, url, point=f"est:{operation}",
-                             sleep=self.sleep, **kwargs)
+                             sleep=self.sleep, reply_within=self.reply_within, run=self.run, **kwargs)
         except http.TransportError as err:
             raise EstError(f"EST {operation}: {err.args[0]}", hint=err.hint, status=err.status) from err
 
@@ -123,12 +149,12 @@ class EstClient:
         if not value:
             return DEFAULT_RETRY_AFTER
         if value.isdigit():
-            return float(value)
+            return max(MIN_RETRY_AFTER, float(value))
         try:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return DEFAULT_RETRY_AFTER
-        return max(0.0, when.timestamp() - self.clock())
+        return max(MIN_RETRY_AFTER, when.timestamp() - self.clock())
 
     def _expect(self, reply: http.Reply, operation: str, statuses, media_type: str) -> None:
         got = media_type_of(reply)

@@ -5,29 +5,40 @@ given to ``make_session`` and its certificate must name the host in the URL.
 There is no way to turn that off, not even through environment variables
 (``REQUESTS_CA_BUNDLE`` and friends are ignored for verification).
 
+Only https URLs are sent: a plain-text URL is refused before any byte leaves.
+
 Reads are bounded: a reply body larger than ``max_body`` is refused before
-more of it is read. Connect failures, timeouts, broken or truncated bodies and
-5xx answers are retried with capped exponential backoff and jitter; what is
-still failing after the last attempt becomes a ``TransportError`` that says
-what happened and what the operator can do.
+more of it is read, and the whole reply must arrive within ``reply_within``
+seconds (a per-read timeout alone lets a server dribble a reply for ever) and
+before the run's deadline (certrotate.deadline). Connect failures, timeouts,
+broken or truncated bodies and 5xx answers are retried with capped exponential
+backoff and jitter; what is still failing after the last attempt becomes a
+``TransportError`` that says what happened and what the operator can do.
 """
 
 from __future__ import annotations
 
 import json as jsonlib
 import random
+import ssl
 import time
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import NewConnectionError
+from urllib3.util.ssl_ import create_urllib3_context
 
 from . import crashpoints
+from .deadline import Deadline
 
 BACKOFF_BASE = 1.0  # seconds before the second attempt
 BACKOFF_CAP = 30.0  # no single wait is longer than this
+# Seconds for a whole reply (connect, TLS, headers, body): ours are a few KiB, so
+# even a poor cellular link is far inside it, and a stalled server not for long.
+REPLY_DEADLINE = 60.0
 _CHUNK = 64 * 1024
 _TOO_BIG_HINT = "the server sent far more than this request needs; check the URL and the server"
 
@@ -42,6 +53,10 @@ class TransportError(Exception):
 
     def __str__(self) -> str:
         return f"{self.args[0]} ({self.hint})"
+
+
+class RunDeadlinePassed(TransportError):
+    """The run's deadline passed before the request could complete."""
 
 
 class Reply:
@@ -92,6 +107,41 @@ class _VerifyingSession(requests.Session):
         return settings
 
 
+class _DeadlineSocket(ssl.SSLSocket):
+    """A TLS socket that never blocks past its context's ``reply_deadline``: the
+    handshake and each read may wait for what is left of it at most."""
+
+    def settimeout(self, value):
+        self._per_read_timeout = value  # what urllib3 asked for, before the deadline shortens it
+        super().settimeout(value)
+
+    def _bound_by_deadline(self) -> None:
+        left = self.context.reply_deadline.left()
+        if left <= 0:
+            raise TimeoutError("the reply deadline has passed")
+        wanted = self._per_read_timeout
+        super().settimeout(left if wanted is None else min(wanted, left))
+
+    def do_handshake(self, *args, **kwargs):
+        self._bound_by_deadline()
+        return super().do_handshake(*args, **kwargs)
+
+    def recv_into(self, *args, **kwargs):
+        self._bound_by_deadline()
+        return super().recv_into(*args, **kwargs)
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """Connections whose TLS sockets are _DeadlineSockets of ``tls``."""
+
+    def __init__(self, tls: ssl.SSLContext):
+        self.tls = tls  # before super().__init__, which makes the pool manager
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, ssl_context=self.tls, **kwargs)
+
+
 def make_session(ca_file: str, client_cert: tuple[str, str] | None = None) -> requests.Session:
     """A session trusting only ``ca_file``; ``client_cert`` is (cert_path, key_path)."""
     session = _VerifyingSession(str(ca_file))
@@ -99,6 +149,12 @@ def make_session(ca_file: str, client_cert: tuple[str, str] | None = None) -> re
         session.cert = (str(client_cert[0]), str(client_cert[1]))
     # Ask for the body as is, so Content-Length counts the bytes we read.
     session.headers["Accept-Encoding"] = "identity"
+    # urllib3 loads the trust anchor and the client certificate into this context.
+    tls = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+    tls.sslsocket_class = _DeadlineSocket
+    tls.reply_deadline = Deadline(None)  # send() sets one per attempt
+    session.mount("https://", _DeadlineAdapter(tls))
+    session.tls = tls
     return session
 
 
@@ -123,21 +179,46 @@ def send(
     timeout: float = 30.0,
     attempts: int = 5,
     sleep: Callable[[float], None] = time.sleep,
+    reply_within: float = REPLY_DEADLINE,
+    run: Deadline | None = None,
 ) -> Reply:
     """Send one request, retrying transient failures; return the final reply.
 
-    Replies with status < 500 are returned whatever their status; the caller
-    decides what a 4xx means. A 5xx still present after the last attempt
-    raises ``TransportError`` with ``status`` set.
+    ``timeout`` bounds each read, ``reply_within`` each attempt's whole reply,
+    ``run`` (the run's deadline) everything. Replies with status < 500 are
+    returned whatever their status; the caller decides what a 4xx means. A 5xx
+    still present after the last attempt raises ``TransportError`` with ``status`` set.
     """
+    run = run or Deadline(None)
+    if urlsplit(url).scheme != "https":
+        raise TransportError(
+            f"{method} {url}: refused, the URL is not https (it would travel in plain text)",
+            hint="use an https:// URL",
+        )
     crashpoints.reach(point + ":send")
     last: TransportError | None = None
     for attempt in range(attempts):
         if attempt:
-            sleep(backoff_delay(attempt))
+            delay = backoff_delay(attempt)
+            if delay >= run.left():
+                last.args = (f"{last.args[0]}; gave up after {attempt} attempts, the run's "
+                             f"{run.seconds:g} s deadline being too near for another",)
+                raise last
+            sleep(delay)
+        if run.passed():
+            raise _run_deadline_passed(method, url, run)
+        session.tls.reply_deadline = reply_by = run.within(reply_within)
         try:
             reply = _attempt(session, method, url, data, json, headers, max_body, timeout)
-        except _Retryable as failure:
+        except (_Retryable, TransportError) as failure:
+            if run.passed():
+                raise _run_deadline_passed(method, url, run) from failure
+            if reply_by.passed():
+                # Not retried: a server this slow holds up the run (and the lock) for
+                # another deadline each time; the next run tries again.
+                raise _reply_too_slow(method, url, reply_within) from failure
+            if isinstance(failure, TransportError):
+                raise
             last = failure.error
             continue
         if reply.status >= 500:
@@ -153,6 +234,25 @@ def send(
     if attempts > 1:
         last.args = (f"{last.args[0]}; gave up after {attempts} attempts",)
     raise last
+
+
+def _run_deadline_passed(method: str, url: str, run: Deadline) -> RunDeadlinePassed:
+    target = _host_port(url)
+    return RunDeadlinePassed(
+        f"{method} {url}: the run's {run.seconds:g} s deadline passed while waiting for {target}",
+        hint=f"check the network path to {target} and that server; the rotation stays "
+        "resumable on the current identity and the next run goes on with it "
+        "(deadlines.run in /etc/certrotate/certrotate.toml sets the bound)",
+    )
+
+
+def _reply_too_slow(method: str, url: str, reply_within: float) -> TransportError:
+    target = _host_port(url)
+    return TransportError(
+        f"{method} {url}: the whole reply did not arrive within {reply_within:g} s "
+        f"({target} sends too slowly or stalls)",
+        hint=f"check the network path to {target} and that server's load; the next run tries again",
+    )
 
 
 def backoff_delay(attempt: int) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from . import config, fsutil, localconfig
-from .http import TransportError
+from .http import RunDeadlinePassed, TransportError
 from .rotate_local_config import CONFIG_FILE
 from .step import Context, Step, StepError
 
@@ -71,6 +71,8 @@ def _refusal(ctx: Context, identity, point: str) -> str | None:
     """None when GET /device as ``identity`` succeeds; otherwise why it did not."""
     try:
         reply = ctx.gateway(identity, "GET", "/device", point=point, attempts=3)
+    except RunDeadlinePassed:
+        raise  # nothing was learnt about either identity: resume confirm on the next run
     except TransportError as err:
         return str(err)
     if reply.status == 200:

@@ -48,6 +48,9 @@ class EstStep(Step):
             label=ctx.agent.est_label,
             sleep=ctx.sleep,
             clock=ctx.clock,
+            max_wait=ctx.agent.est_max_wait,
+            run=ctx.deadline,
+            reply_within=ctx.agent.request_deadline,
         )
         issued = client.simplereenroll(pki.build_csr(key, current))
         anchors = certs.load_certs(ctx.ca_file(), ctx.sota.ca_file)

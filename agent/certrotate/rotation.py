@@ -17,7 +17,8 @@ import re
 from pathlib import PurePosixPath
 
 from . import events as events_mod
-from .config import ConfigError
+from .config import RUN_DEADLINE_MAX, ConfigError
+from .deadline import Deadline
 from .est import EstPending
 from .journal import Rotation
 from .rotate_confirm import ConfirmStep
@@ -29,11 +30,19 @@ from .rotate_restart import RestartStep
 from .rotate_retire import RetireStep
 from .rotate_server_config import ServerConfigStep
 from .step import Context, Step, StepError
+from .systemd import SYSTEMCTL_TIMEOUT
 
 log = logging.getLogger("certrotate")
 
 # Used with fullmatch: `$` would also match before a trailing newline.
 ROTATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# Seconds for delivering the queued events at the end of a run, past its deadline if need be
+# (a failed run's events say why it failed), and for each batch's reply.
+EVENTS_DEADLINE = 30.0
+EVENTS_REPLY_DEADLINE = 10.0
+# The longest one run holds the lock: its deadline, two systemctl calls (the restart
+# step) begun just before it, then the events. certrotate.service's TimeoutStartSec is above.
+LONGEST_RUN = RUN_DEADLINE_MAX + 2 * SYSTEMCTL_TIMEOUT + EVENTS_DEADLINE
 
 
 class StartedStep(Step):
@@ -227,10 +236,17 @@ def event_identity(ctx: Context):
 def deliver_events(ctx: Context) -> bool:
     """One short attempt to deliver the queued events; never raises."""
     identity = event_identity(ctx)
+    delivery = Deadline(EVENTS_DEADLINE, ctx.deadline.clock)
 
     def post(batch: list[dict]) -> None:
-        reply = ctx.gateway(identity, "POST", "/events", point="events", json=batch,
-                            attempts=1, timeout=10.0)
+        left = delivery.left()
+        if left <= 0:
+            raise StepError(f"event delivery took its {EVENTS_DEADLINE:g} s",
+                            hint="the events stay queued for a later run")
+        # Not bound by the run's deadline, which may have passed: ``delivery`` is the bound.
+        reply = ctx.gateway(identity, "POST", "/events", point="events", json=batch, attempts=1,
+                            timeout=EVENTS_REPLY_DEADLINE, reply_within=min(EVENTS_REPLY_DEADLINE, left),
+                            run=Deadline(None, delivery.clock))
         if reply.status not in range(200, 205):
             raise StepError(f"POST /events answered {reply.status}: {reply.first_line()!r}",
                             hint="the events stay queued for a later run")

@@ -15,6 +15,7 @@ from typing import Callable
 
 from . import certs, http
 from .config import AgentConfig, Root, SotaConfig
+from .deadline import Deadline
 from .events import EventQueue
 from .journal import Journal, Rotation, State
 from .systemd import Systemd
@@ -55,6 +56,7 @@ class Context:
     systemd: Systemd
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
+    deadline: Deadline = field(default_factory=lambda: Deadline(None))  # the run's
     _sessions: dict = field(default_factory=dict)
 
     @property
@@ -85,8 +87,10 @@ class Context:
         return self.root(self.sota.ca_file)
 
     def gateway(self, identity: tuple[Path, Path], method: str, path: str, *, point: str,
-                json=None, attempts: int = 5, timeout: float = 30.0) -> http.Reply:
-        """One request to the device gateway over mutual TLS as ``identity``."""
+                json=None, attempts: int = 5, timeout: float = 30.0,
+                reply_within: float | None = None, run: Deadline | None = None) -> http.Reply:
+        """One request to the device gateway over mutual TLS as ``identity``, within
+        ``run`` (default: the run's deadline) and ``reply_within`` (default: deadlines.request)."""
         cache_key = tuple(map(str, identity))
         session = self._sessions.get(cache_key)
         if session is None:
@@ -94,6 +98,7 @@ class Context:
         return http.send(
             session, method, self.sota.gateway_url + path, point=point, json=json,
             attempts=attempts, timeout=timeout, sleep=self.sleep,
+            reply_within=reply_within or self.agent.request_deadline, run=run or self.deadline,
         )
 
 

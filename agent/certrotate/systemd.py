@@ -16,6 +16,8 @@ AGENT_SERVICE = "certrotate.service"
 
 # What `systemctl is-active` prints for a unit that is running (it exits 0 for these).
 ACTIVE_STATES = ("active", "reloading")
+# Seconds one systemctl call may take (a unit's restart included).
+SYSTEMCTL_TIMEOUT = 120
 
 
 class SystemdError(Exception):
@@ -32,7 +34,7 @@ class Systemd:
     def _call(self, args: Sequence[str]) -> subprocess.CompletedProcess:
         try:
             return self.run(
-                [self.systemctl, *args], capture_output=True, text=True, timeout=120
+                [self.systemctl, *args], capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT
             )
         except FileNotFoundError as err:
             raise SystemdError(
@@ -40,7 +42,7 @@ class Systemd:
             ) from err
         except subprocess.TimeoutExpired as err:
             raise SystemdError(
-                f"{self.systemctl} {' '.join(args)} did not finish in 120 s",
+                f"{self.systemctl} {' '.join(args)} did not finish in {SYSTEMCTL_TIMEOUT} s",
                 hint="check the units with systemctl status",
             ) from err
 

@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--est-password", help="EST HTTP Basic password (default: generated into DIR/est-password)")
     p.add_argument("--est-label", action="append", help="accept this RFC 7030 CA label (repeatable)")
     p.add_argument("--manual-approval", action="store_true", help="EST answers 202 until an operator approves")
-    p.add_argument("--retry-after", type=int, default=30, help="Retry-After seconds of 202 replies")
+    p.add_argument("--retry-after", type=int, default=30, help="Retry-After seconds of 202 replies (at least 1; default 30)")
     p.add_argument("--b64-one-line", action="store_true", help="base64 EST bodies on one line (not wrapped at 64)")
     p.add_argument("--validity-days", type=int, default=365, help="validity of EST-issued certificates")
     p.add_argument("--max-body", type=int, default=64 * 1024, help="largest EST request body in bytes")

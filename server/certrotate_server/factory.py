@@ -151,6 +151,10 @@ def init_factory(
         raise FactoryError("importing a root CA needs both --root-ca-cert and --root-ca-key")
     if validity_days < 1:
         raise FactoryError("--validity-days must be at least 1")
+    if retry_after < 1:
+        # Clients resend at once on a Retry-After of 0 (certrotate waits a second at least).
+        raise FactoryError(f"--retry-after must be at least 1 second, not {retry_after}: "
+                           "it is how long devices wait before asking again for a pending enrollment")
     make_dirs(path, 0o700)
     os.chmod(path, 0o700)
     hostnames = hostnames or list(DEFAULT_HOSTNAMES)

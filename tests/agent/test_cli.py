@@ -1,8 +1,10 @@
 import datetime
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -177,3 +179,68 @@ def test_a_run_removes_what_an_interrupted_write_left(device, capsys):
     assert cli.main(["--root", str(device.root), "rotate"], sleep=no_sleep) == cli.EXIT_FAILED
     assert not any(path.exists() for path in leftovers)
     assert "left by an interrupted write" in capsys.readouterr().err
+
+
+class PlainListener:
+    """A plain-TCP server on 127.0.0.1 that records whatever reaches it and hangs up."""
+
+    def __init__(self):
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.socket.settimeout(0.2)
+        self.port = self.socket.getsockname()[1]
+        self.received: list[bytes] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.socket.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(2)
+                try:
+                    self.received.append(connection.recv(65536))
+                    connection.sendall(b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                except OSError:
+                    pass
+
+    def close(self):
+        self.stopped.set()
+        self.thread.join(5)
+        self.socket.close()
+
+
+@pytest.fixture
+def plain_http():
+    listener = PlainListener()
+    yield listener
+    listener.close()
+
+
+@pytest.mark.bad_input("plain-http EST URL")
+@pytest.mark.parametrize("source", ["--est-server", "ESTSERVER", "est.server"])
+def test_plain_http_est_server_is_refused_before_anything_is_sent(source, device, plain_http, tmp_path,
+                                                                  monkeypatch, capsys):
+    url = f"http://127.0.0.1:{plain_http.port}/.well-known/est"
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    if source == "--est-server":
+        command = ["rotate", "--est-server", url]
+    elif source == "ESTSERVER":
+        config_file = tmp_path / "fio-rotate-certs"
+        config_file.write_text(f"ESTSERVER={url}\nROTATIONID=certs-1\n")
+        monkeypatch.setenv("CONFIG_FILE", str(config_file))
+        command = ["handler"]
+    else:
+        device.certrotate_toml.write_text(f'[est]\nserver = "{url}"\n')
+        command = ["rotate"]
+    code = cli.main(["--root", str(device.root), *command], sleep=no_sleep)
+    err = capsys.readouterr().err
+    assert plain_http.received == [], "the agent spoke plain HTTP to the EST server"
+    assert code == cli.EXIT_USAGE, err
+    assert f"{source}" in err and f"EST server URL {url!r} is not https" in err, err
+    assert "what to do: use an https:// URL" in err
+    state = device.state_dir / "state.json"
+    assert not state.exists() or json.loads(state.read_text())["current"] is None

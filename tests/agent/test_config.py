@@ -91,3 +91,16 @@ def test_agent_config_rejects_bad_values(device, text, message):
     device.certrotate_toml.write_text(text)
     with pytest.raises(ConfigError, match=message):
         config.load_agent(Root(device.root))
+
+
+@pytest.mark.bad_input("agent time bound out of range")
+@pytest.mark.parametrize("text, message", [
+    ("[deadlines]\nrun = 3600\n", r"deadlines.run must be more than 0 and at most 1200 seconds, not 3600"),
+    ("[deadlines]\nrequest = 0\n", r"deadlines.request must be more than 0 seconds, not 0"),
+    ("[est]\nmax_wait = -1\n", r"est.max_wait must be more than 0 seconds, not -1"),
+])
+def test_agent_time_bounds_are_checked(device, text, message):
+    # A run longer than certrotate.service's TimeoutStartSec would be killed part way.
+    device.certrotate_toml.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        config.load_agent(Root(device.root))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import time
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
 from certrotate import est, pki
+from certrotate.deadline import Deadline
 from estfaults import (  # noqa: F401 (fixtures)
     Answer, FaultyEst, b64_lines, ca_file, certs_answer, factory, pkcs7_der, server, sleeps,
 )
@@ -135,14 +137,43 @@ def test_202_without_retry_after_waits_the_default(client, device, server, sleep
 
 
 def test_202_beyond_the_bound_is_pending(server, ca_file, device, sleeps):
-    client = est.EstClient(server.url, ca_file, device.files, sleep=sleeps, max_wait=100)
+    client = est.EstClient(server.url, ca_file, device.files, sleep=sleeps, max_wait=100,
+                           run=Deadline(None, sleeps.elapsed))
     server.answer = lambda request: Answer(status=202, content_type=None, headers={"Retry-After": "40"})
     with pytest.raises(est.EstPending) as caught:
         reenroll(client, device)
     assert sleeps == [40.0, 40.0]
     assert len(server.requests) == 3
     assert "rotation again later" in caught.value.hint
-    assert "80 s of waiting" in str(caught.value)
+    assert "after 3 requests in 80 s" in str(caught.value)
+
+
+@pytest.mark.bad_input("EST 202 asking for no wait")
+def test_202_waits_at_least_a_second_whatever_retry_after_says(client, device, server, sleeps):
+    an_hour_ago = email.utils.formatdate(time.time() - 3600, usegmt=True)
+    pending_then_good(server, *(Answer(status=202, content_type=None, headers={"Retry-After": value})
+                                for value in ("0", an_hour_ago, "-3", "soon")))
+    reenroll(client, device)
+    assert sleeps == [1.0, 1.0, est.DEFAULT_RETRY_AFTER, est.DEFAULT_RETRY_AFTER]
+
+
+@pytest.mark.bad_input("EST 202 asking for no wait")
+def test_202_resends_are_bounded_in_number(server, ca_file, device, sleeps):
+    client = est.EstClient(server.url, ca_file, device.files, sleep=sleeps, max_wait=100,
+                           run=Deadline(None, sleeps.elapsed))
+    server.answer = lambda request: Answer(status=202, content_type=None, headers={"Retry-After": "1"})
+    with pytest.raises(est.EstPending, match="the most a run sends"):
+        reenroll(client, device)
+    assert len(server.requests) == est.MAX_RESENDS + 1
+
+
+@pytest.mark.bad_input("EST 202 asking for no wait")
+def test_202_wait_stops_before_the_run_deadline(server, ca_file, device, sleeps):
+    client = est.EstClient(server.url, ca_file, device.files, sleep=sleeps, run=Deadline(100, sleeps.elapsed))
+    server.answer = lambda request: Answer(status=202, content_type=None, headers={"Retry-After": "40"})
+    with pytest.raises(est.EstPending, match="the run's 100 s deadline comes first"):
+        reenroll(client, device)
+    assert sleeps == [40.0, 40.0]
 
 
 # --- bad replies ---

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from certrotate import crashpoints, http
+from certrotate.deadline import Deadline
 from estfaults import Answer, FaultyEst, Sleeps, ca_file, factory, server  # noqa: F401 (fixtures)
 from pki import TestPki, key_pem, write_file
 
@@ -198,3 +199,42 @@ def test_crash_points_mark_send_and_reply(server, session, tmp_path, monkeypatch
     server.answer = lambda request: next(answers)
     http.send(session, "GET", server.url, point="est:cacerts", sleep=Sleeps())
     assert trace.read_text().splitlines() == ["est:cacerts:send", "est:cacerts:reply"]
+
+
+@pytest.mark.bad_input("EST reply dribbled a byte at a time")
+def test_dribbled_reply_ends_at_the_request_deadline_unretried(server, session):
+    server.answer = lambda request: Answer(body=b"d" * 200, content_type="text/plain", drip=0.2)
+    started = time.monotonic()
+    with pytest.raises(http.TransportError) as caught:
+        http.send(session, "GET", server.url, point="t", reply_within=1.0, sleep=Sleeps())
+    assert time.monotonic() - started < 3
+    assert "the whole reply did not arrive within 1 s" in str(caught.value)
+    assert "127.0.0.1" in caught.value.hint
+    # Another attempt would hold the agent (and its lock) for another deadline.
+    assert len(server.requests) == 1
+
+
+@pytest.mark.bad_input("EST reply dribbled a byte at a time")
+def test_deadlines_run_on_the_clock_passed_in(server, session):
+    # A clock 20 times faster than real time: a 20 s deadline passes in one real second.
+    server.answer = lambda request: Answer(body=b"d" * 200, content_type="text/plain", drip=0.2)
+    fast = lambda: time.monotonic() * 20  # noqa: E731
+    started = time.monotonic()
+    with pytest.raises(http.TransportError, match="the whole reply did not arrive within 20 s"):
+        http.send(session, "GET", server.url, point="t", reply_within=20.0, run=Deadline(None, fast))
+    assert time.monotonic() - started < 3
+    # A run whose deadline has passed sends nothing more.
+    now = [0.0]
+    run = Deadline(10, lambda: now[0])
+    now[0] = 10.5
+    with pytest.raises(http.TransportError, match="the run's 10 s deadline passed"):
+        http.send(session, "GET", server.url, point="t", run=run)
+    assert len(server.requests) == 1
+
+
+@pytest.mark.bad_input("plain-http EST URL")
+def test_plain_http_is_refused_unsent(session):
+    with pytest.raises(http.TransportError, match="not https") as caught:
+        http.send(session, "POST", "http://127.0.0.1:1/.well-known/est/simplereenroll", point="t",
+                  data=b"csr", sleep=Sleeps())
+    assert "https://" in caught.value.hint

@@ -12,8 +12,11 @@ run completes the rotation.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import re
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from agentdevice import OldIdentity, active_identity, assert_rotated, fake_systemctl, run_agent
+from agentdevice import AGENT_TIMEOUT, OldIdentity, active_identity, assert_rotated, fake_systemctl, run_agent
 from estfaults import Answer, FaultyEst, Request, b64_lines, certs_answer
 from pki import DAY, Authority, TestPki, device_name, new_key, utcnow
 
@@ -132,17 +135,33 @@ def only_reenroll(server: FaultyEst, fault):
 
 
 def fail_then_resume(backend, server: FaultyEst, tmp_path: Path, name: str, expected: str,
-                     fix=lambda: None):
-    """Run the agent against the faulty server, check the failure, fix the server, run again."""
+                     fix=lambda: None, *, settings: dict[str, dict] | None = None,
+                     code: int = 1, within: float = AGENT_TIMEOUT):
+    """Run the agent against the faulty server, check the failure, fix the server, run again.
+
+    ``settings`` go into certrotate.toml for the failing run only; it must end with exit
+    ``code`` within ``within`` seconds. Returns that run and how long it took.
+    """
     device = backend.register(name, tmp_path / name)
     old = OldIdentity(device, tmp_path / "old")
     before = device_files(device)
     bin_dir = tmp_path / "bin"
     fake_systemctl(bin_dir)
+    agent_toml = device / "etc/certrotate/certrotate.toml"
+    plain_settings = agent_toml.read_text()
+    if settings:
+        agent_toml.write_text(with_settings(plain_settings, settings))
 
-    failed = run_agent(device, "rotate", "--est-server", server.url, bin_dir=bin_dir)
-    assert failed.returncode == 1, failed.stderr
-    assert f"step '{STEP}' failed" in failed.stderr, failed.stderr
+    started = time.monotonic()
+    try:
+        failed = run_agent(device, "rotate", "--est-server", server.url, bin_dir=bin_dir, timeout=within)
+    except subprocess.TimeoutExpired:
+        failed = None
+    elapsed = time.monotonic() - started
+    assert failed is not None, (f"the agent was still running after {within:g} s, having sent "
+                                f"{len(server.requests)} requests to the EST server")
+    assert failed.returncode == code, failed.stderr
+    assert f"step '{STEP}'{' failed' if code == 1 else ':'}" in failed.stderr, failed.stderr
     assert re.search(expected, failed.stderr), failed.stderr
     assert re.search(r"what to do: \S", failed.stderr), failed.stderr
     assert "PRIVATE KEY" not in failed.stderr
@@ -156,13 +175,23 @@ def fail_then_resume(backend, server: FaultyEst, tmp_path: Path, name: str, expe
 
     # The EST server is fixed: the same rotation resumes and completes.
     key_file, cert_file = active_identity(device)
+    agent_toml.write_text(plain_settings)
     fix()
     server.forward_to(backend.est_url, backend.root_ca, (cert_file, key_file))
     resumed = run_agent(device, "rotate", bin_dir=bin_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step 1" in resumed.stderr
     assert_rotated(backend, device, old, device_values={}, local_values=None)
-    return failed
+    return failed, elapsed
+
+
+def with_settings(toml: str, settings: dict[str, dict]) -> str:
+    """certrotate.toml text with ``settings`` ({table: {key: number}}) added."""
+    for table, values in settings.items():
+        lines = "".join(f"{key} = {value}\n" for key, value in values.items())
+        header = f"[{table}]\n"
+        toml = toml.replace(header, header + lines) if header in toml else f"{toml}\n{header}{lines}"
+    return toml
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -183,3 +212,49 @@ def test_est_server_certificate_naming_another_host(module_backend, tmp_path):
                          fix=lambda: server.use_names(("127.0.0.1",)))
         assert server.requests[:1] and server.requests[0].operation == "simplereenroll"
         assert len(server.tls_errors) >= 1
+
+
+# Servers that would keep a run, and its lock, alive for ever. Each run must end on
+# its own within its bound plus SLACK (start-up and exit of the agent on a loaded machine).
+SLACK = 8.0
+
+
+def pending(retry_after: str):
+    """A fault: 202 (still processing) with this Retry-After."""
+    return lambda server, request: Answer(status=202, content_type=None, headers={"Retry-After": retry_after})
+
+
+@pytest.mark.bad_input("EST 202 asking for no wait")
+@pytest.mark.parametrize("retry_after", ["0", "an hour ago"])
+def test_pending_enrollment_asking_for_no_wait_ends_with_exit_4(retry_after, module_backend, faulty, tmp_path):
+    if retry_after == "an hour ago":
+        retry_after = email.utils.formatdate(time.time() - 3600, usegmt=True)
+    faulty.answer = only_reenroll(faulty, pending(retry_after))
+    _, elapsed = fail_then_resume(
+        module_backend, faulty, tmp_path, f"pending-{len(retry_after)}", r"EST simplereenroll: the server still holds "
+        r"the request pending \(202\) after \d+ requests in \d+ s", settings={"est": {"max_wait": 4}},
+        code=4, within=4 + SLACK)
+    reenrolls = [r for r in faulty.requests if r.operation == "simplereenroll"]
+    # The first request, then one a second at most (the floor of any Retry-After) for 4 s;
+    # the relay's requests come after.
+    failing = reenrolls[:len(reenrolls) - 1]
+    assert 2 <= len(failing) <= 6, (len(failing), elapsed)
+
+
+@pytest.mark.bad_input("EST reply dribbled a byte at a time")
+def test_dribbled_reply_ends_at_the_request_deadline(module_backend, faulty, tmp_path):
+    faulty.answer = only_reenroll(faulty, lambda server, request: certs_answer([server.issue(request)], drip=0.5))
+    fail_then_resume(
+        module_backend, faulty, tmp_path, "dribbled-reply",
+        r"EST simplereenroll: POST https://127\.0\.0\.1:\d+/\S+: the whole reply did not arrive within 2 s",
+        settings={"deadlines": {"request": 2}}, within=2 + SLACK)
+
+
+@pytest.mark.bad_input("EST reply dribbled a byte at a time")
+def test_dribbled_reply_ends_at_the_run_deadline(module_backend, faulty, tmp_path):
+    faulty.answer = only_reenroll(faulty, lambda server, request: certs_answer([server.issue(request)], drip=0.5))
+    failed, _ = fail_then_resume(
+        module_backend, faulty, tmp_path, "run-deadline",
+        r"EST simplereenroll: POST https://127\.0\.0\.1:\d+/\S+: the run's 3 s deadline passed "
+        r"while waiting for 127\.0\.0\.1:\d+", settings={"deadlines": {"run": 3}}, within=3 + SLACK)
+    assert "deadlines.run" in failed.stderr

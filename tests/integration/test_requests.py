@@ -44,7 +44,8 @@ def test_request_during_a_rotation_does_not_clobber_it(backend, tmp_path):
 
 
 class FakeTime:
-    """A clock that sleeping moves forward, so the EST wait bound passes instantly."""
+    """A clock (wall and monotonic) that sleeping moves forward, so the EST wait bound
+    passes instantly."""
 
     def __init__(self):
         self.now = time.time()
@@ -67,7 +68,7 @@ def test_est_server_asking_to_wait_is_exit_4_then_resumes(tmp_path, capsys):
         systemd = Systemd(str(fake_systemctl(bin_dir)))
         fake = FakeTime()
         code = cli.main(["--root", str(device), "rotate", "--rotation-id", "certs-300"],
-                        clock=fake.clock, sleep=fake.sleep, systemd=systemd)
+                        clock=fake.clock, sleep=fake.sleep, systemd=systemd, monotonic=fake.clock)
         assert code == cli.EXIT_WAITING
         err = capsys.readouterr().err
         assert "Generate new certificate" in err and "what to do:" in err

@@ -369,6 +369,26 @@ def test_service_is_a_hardened_oneshot_started_only_by_the_timer(recipe, payload
     assert recipe.variables["SYSTEMD_SERVICE:${PN}"] == "certrotate.timer"
 
 
+def systemd_seconds(span: str) -> float:
+    """A systemd time span ("90", "25min", "1h 30s") in seconds."""
+    units = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
+    parts = re.findall(r"(\d+)\s*([a-z]*)", span)
+    assert parts and "".join(n + u for n, u in parts) == span.replace(" ", ""), span
+    return sum(int(number) * units[unit] for number, unit in parts)
+
+
+@pytest.mark.bad_input("EST reply dribbled a byte at a time")
+def test_service_start_timeout_outlasts_the_longest_run_of_the_agent(payload):
+    # Without it a stalled run would block every later timer run; below the agent's
+    # own bound, systemd would kill runs that are still within it.
+    from certrotate import rotation
+
+    destdir, _ = payload
+    service = unit_sections(destdir / "usr/lib/systemd/system/certrotate.service")
+    (timeout,) = service["Service"].get("TimeoutStartSec", ["(none)"])
+    assert systemd_seconds(timeout) > rotation.LONGEST_RUN
+
+
 def test_units_pass_systemd_analyze_verify(payload, tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

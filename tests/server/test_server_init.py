@@ -71,6 +71,16 @@ def test_init_refuses_existing_factory_and_mismatched_root(tmp_path):
     assert bad.returncode == 2 and "is not the key of" in bad.stderr
 
 
+@pytest.mark.bad_input("server Retry-After below 1 s")
+@pytest.mark.parametrize("seconds", ["0", "-5"])
+def test_init_refuses_a_retry_after_below_one_second(seconds, tmp_path):
+    result = subprocess.run([*server_command(), "init", "--dir", str(tmp_path / "f"), "--manual-approval",
+                             "--retry-after", seconds], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--retry-after must be at least 1 second" in result.stderr
+    assert not (tmp_path / "f" / "factory.json").exists()
+
+
 def test_commands_without_factory_say_what_to_do(tmp_path):
     result = subprocess.run([*server_command(), "devices", "list", "--dir", str(tmp_path / "none")],
                             capture_output=True, text=True)

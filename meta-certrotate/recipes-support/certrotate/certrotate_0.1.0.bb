@@ -115,6 +115,7 @@ RDEPENDS:${PN} = "python3-core \
                   python3-datetime \
                   python3-email \
                   python3-fcntl \
+                  python3-io \
                   python3-json \
                   python3-logging \
                   python3-math \
@@ -123,6 +124,4 @@ RDEPENDS:${PN} = "python3-core \
                   python3-tomllib \
                   python3-urllib3 \
 "
-RDEPENDS:${PN}-ptest += "python3-io \
-                         python3-pytest \
-"
+RDEPENDS:${PN}-ptest += "python3-pytest"
