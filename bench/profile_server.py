@@ -22,9 +22,10 @@ from collections import Counter
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent))
+sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
 
-from tests.backend import Backend  # noqa: E402
+from backend import Backend  # noqa: E402
+from children import spawn  # noqa: E402
 
 import throughput  # noqa: E402
 from load import Request, run_level  # noqa: E402
@@ -77,7 +78,7 @@ def main() -> int:
             else:
                 jobs = [(d, [Request("GET", f"{backend.gateway_url}/device")]) for d in devices]
             raw = work / "samples.raw"
-            spy = subprocess.Popen(
+            spy = spawn(
                 [args.py_spy, "record", "--pid", str(backend.proc.pid), "--duration", str(int(args.seconds)),
                  "--rate", "250", "--format", "raw", "--output", str(raw), "--nonblocking",
                  *(["--gil"] if args.gil else [])],

@@ -23,9 +23,9 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-sys.path.insert(0, str(REPO))  # tests.backend: the harness that runs a real server
+sys.path.insert(0, str(REPO / "tests"))  # backend: the harness that runs a real server
 
-from tests.backend import Backend  # noqa: E402
+from backend import Backend  # noqa: E402
 
 import footprint  # noqa: E402
 import growth  # noqa: E402

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import requests
 
+from children import spawn
+
 START_TIMEOUT = 30
 
 # The events of one complete rotation, in order (docs/contracts.md, "Rotation steps
@@ -87,7 +89,7 @@ class Backend:
         endpoints = self.dir / "endpoints.json"
         endpoints.unlink(missing_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [*server_command(), "serve", "--dir", str(self.dir),
              "--gateway-listen", f"127.0.0.1:{gateway_port}", "--est-listen", f"127.0.0.1:{est_port}",
              "--workers", str(workers)],

@@ -1,6 +1,7 @@
 """Shared fixtures. `backend`: a started reference backend (tests/backend.py), one per
 test; `module_backend`: one shared by a module's tests (each registers its own devices)."""
 
+import signal
 import sys
 from pathlib import Path
 
@@ -30,9 +31,16 @@ def module_backend(tmp_path_factory):
     yield from _started(tmp_path_factory.mktemp("module-backend"))
 
 
+def _interrupt(signum, frame):
+    """SIGTERM (a time limit's, forwarded by make) ends the run as Ctrl-C does:
+    pytest still runs the fixtures' finalizers, which stop servers and guests."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 # The bad-input suite: every test marked `bad_input("<class>")`, across files.
 # Its size is printed at the end of each run (issue 9 asks for the count).
 def pytest_configure(config):
+    signal.signal(signal.SIGTERM, _interrupt)
     config.addinivalue_line(
         "markers", "bad_input(kind): a hostile or malformed input met with a clear refusal; counted in the summary")
 

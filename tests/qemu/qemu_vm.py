@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from children import spawn
+
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
 HOST_FROM_GUEST = "10.0.2.2"
@@ -102,9 +104,8 @@ class VM:
             "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
             "-device", "virtio-net-pci,netdev=net0",
         ]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                        stdout=open(self.workdir / "qemu.log", "ab"),
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = spawn(command, stdin=subprocess.DEVNULL, stdout=open(self.workdir / "qemu.log", "ab"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ssh(self, timeout: float = 300) -> float:
         """Wait until a real ssh command succeeds (user networking accepts

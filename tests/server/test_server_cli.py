@@ -8,6 +8,7 @@ import time
 import pytest
 
 from backend import server_command
+from children import spawn
 from srvhelpers import certs_from_est, new_key, pubkey_pem, reenroll, write_cert, write_key
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,8 +76,8 @@ def test_events_follow_and_deny_list(backend, tmp_path):
     device = backend.register("dev-1", tmp_path / "d")
     assert backend.cli("deny-list").stdout.splitlines()[0].split() == ["DEVICE", "SERIAL", "DENIED", "AT", "REASON",
                                                                        "SHA256"]
-    follower = subprocess.Popen([*server_command(), "events", "--follow", "--dir", str(backend.dir)],
-                                stdout=subprocess.PIPE, text=True)
+    follower = spawn([*server_command(), "events", "--follow", "--dir", str(backend.dir)],
+                     stdout=subprocess.PIPE, text=True)
     try:
         key = new_key()
         [cert] = certs_from_est(reenroll(backend, device, key).content)
