@@ -85,14 +85,16 @@ class Backend:
             )
         return result
 
-    def start(self, gateway_port: int = 0, est_port: int = 0, workers: int = 1) -> "Backend":
+    def start(self, gateway_port: int = 0, est_port: int = 0, workers: int = 1, *serve_args: str,
+              prefix: tuple[str, ...] = ()) -> "Backend":
+        """`serve_args` are more `serve` options; `prefix` runs serve under a command (e.g. prlimit)."""
         endpoints = self.dir / "endpoints.json"
         endpoints.unlink(missing_ok=True)
         log = open(self.log_path, "ab")
         self.proc = spawn(
-            [*server_command(), "serve", "--dir", str(self.dir),
+            [*prefix, *server_command(), "serve", "--dir", str(self.dir),
              "--gateway-listen", f"127.0.0.1:{gateway_port}", "--est-listen", f"127.0.0.1:{est_port}",
-             "--workers", str(workers)],
+             "--workers", str(workers), *serve_args],
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()

@@ -19,7 +19,7 @@ from certrotate import ecies
 from . import devices, pki
 from .devices import DeviceError
 from .factory import DEFAULT_FACTORY, DEFAULT_HOSTNAMES, Factory, FactoryError, init_factory, write_device_tree
-from .httpbase import listen_address
+from .httpbase import ConnectionLimits, listen_address
 from .store import Store
 
 EXIT_USAGE = 2
@@ -87,7 +87,12 @@ def cmd_serve(args) -> int:
         raise CliError(str(err), EXIT_USAGE) from None
     if args.workers < 1:
         raise CliError("--workers must be at least 1", EXIT_USAGE)
-    return serve(factory, gateway, est, args.workers)
+    if min(args.max_connections, args.max_connections_per_address) < 1 or min(
+            args.headers_deadline, args.body_deadline) <= 0:
+        raise CliError("connection limits must be at least 1 and deadlines more than 0 s", EXIT_USAGE)
+    limits = ConnectionLimits(args.max_connections, args.max_connections_per_address,
+                              args.headers_deadline, args.body_deadline)
+    return serve(factory, gateway, est, args.workers, limits)
 
 
 def cmd_register(args) -> int:
@@ -316,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--est-listen", default="127.0.0.1:8444", help="HOST:PORT (port 0 = any free port)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the listeners (e.g. one per CPU core; default 1)")
+    limits = ConnectionLimits()
+    p.add_argument("--max-connections", type=int, default=limits.max_connections,
+                   help=f"open connections per process, both listeners together (default {limits.max_connections})")
+    p.add_argument("--max-connections-per-address", type=int, default=limits.max_per_address,
+                   help=f"open connections per client address and process (default {limits.max_per_address})")
+    p.add_argument("--headers-deadline", type=float, default=limits.headers_deadline, metavar="SECONDS",
+                   help="time for the TLS handshake or since the previous reply, until a request's headers "
+                        f"are complete (default {limits.headers_deadline:g})")
+    p.add_argument("--body-deadline", type=float, default=limits.body_deadline, metavar="SECONDS",
+                   help=f"time from a request's headers to the end of its reply (default {limits.body_deadline:g})")
     p.set_defaults(func=cmd_serve)
 
     dev = sub.add_parser("devices", help="device operations").add_subparsers(dest="devices_command", required=True)

@@ -7,6 +7,7 @@ devices proceed in parallel (OpenSSL releases the GIL).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
@@ -15,14 +16,21 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cryptography import x509
 
 log = logging.getLogger("certrotate_server")
 
-# Idle keep-alive connections and stalled handshakes are dropped after this.
+# A read that gets nothing for this long ends the connection.
 SOCKET_TIMEOUT = 30
+# accept() failing for want of file descriptors or memory: wait this long, doubling up to the cap.
+ACCEPT_BACKOFF = (0.05, 1.0)
+ACCEPT_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# How often overdue connections are looked for.
+DEADLINE_SCAN_SECONDS = 0.25
 # A connection thread with no next connection for this long ends.
 IDLE_THREAD_SECONDS = 60
 # Oversized bodies up to this much beyond the limit are read and dropped before the 413.
@@ -41,6 +49,80 @@ class HttpError(Exception):
         self.headers = headers or {}
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one process lets clients hold. The per-read timeout alone lets a client
+    that sends a byte now and then hold a request, and its thread, for ever."""
+
+    max_connections: int = 2048  # both listeners together
+    max_per_address: int = 256  # devices behind one NAT share an address
+    headers_deadline: float = 30.0  # from the handshake, or the previous reply, to the end of the headers
+    body_deadline: float = 60.0  # from the end of the headers to the end of the reply
+
+
+class ConnectionTable:
+    """The open connections of this process: counted per client address, each with a
+    deadline; an overdue one is shut down under the thread that reads it."""
+
+    def __init__(self, limits: ConnectionLimits, clock=time.monotonic):
+        self.limits = limits
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._per_address: Counter[str] = Counter()
+        self._deadlines: dict[socket.socket, tuple[float, str]] = {}
+        self._next_scan = 0.0
+        self._refused = 0
+
+    def admit(self, address: str) -> bool:
+        with self._lock:
+            total = sum(self._per_address.values())
+            if total >= self.limits.max_connections or self._per_address[address] >= self.limits.max_per_address:
+                self._refused += 1
+                return False
+            self._per_address[address] += 1
+            return True
+
+    def release(self, conn: socket.socket, address: str) -> None:
+        with self._lock:
+            self._deadlines.pop(conn, None)
+            self._per_address[address] -= 1
+            if self._per_address[address] <= 0:
+                del self._per_address[address]
+
+    def set_deadline(self, conn: socket.socket, seconds: float, what: str) -> None:
+        with self._lock:
+            self._deadlines[conn] = (self._clock() + seconds, what)
+
+    def expire(self) -> None:
+        """Shut down the overdue connections; called often by the listeners' loops."""
+        now = self._clock()
+        if now < self._next_scan:
+            return
+        with self._lock:
+            self._next_scan = now + DEADLINE_SCAN_SECONDS
+            overdue = [(conn, what) for conn, (deadline, what) in self._deadlines.items() if deadline <= now]
+            for conn, _ in overdue:
+                del self._deadlines[conn]
+            refused, self._refused = self._refused, 0
+        if refused:
+            log.warning("refused %d connections over the limits (%d in all, %d per address)",
+                        refused, self.limits.max_connections, self.limits.max_per_address)
+        for conn, what in overdue:
+            log.info("%s connection closed: %s not done in time", _peer(conn), what)
+            try:
+                # The plain socket's shutdown: the reading thread's TLS read then ends.
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _peer(conn: socket.socket) -> str:
+    try:
+        return conn.getpeername()[0]
+    except OSError:
+        return "-"
+
+
 class TlsHttpServer(ThreadingHTTPServer):
     """A thread per connection, as many as there are connections; threads are reused.
 
@@ -53,8 +135,10 @@ class TlsHttpServer(ThreadingHTTPServer):
     request_queue_size = 4096
     allow_reuse_address = True
 
-    def __init__(self, address, handler_class, context: ssl.SSLContext, app):
+    def __init__(self, address, handler_class, context: ssl.SSLContext, app, connections: ConnectionTable):
         self.app = app
+        self.connections = connections
+        self._accept_backoff = ACCEPT_BACKOFF[0]
         self._handoff: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting = 0  # threads waiting on _handoff and not yet given a connection
         self._waiting_lock = threading.Lock()
@@ -76,9 +160,18 @@ class TlsHttpServer(ThreadingHTTPServer):
         threading.Thread(target=self._serve_connections, args=(request, client_address),
                          daemon=True).start()
 
+    def verify_request(self, request, client_address) -> bool:
+        return self.connections.admit(client_address[0])  # refused: closed at once
+
+    def service_actions(self):
+        self.connections.expire()
+
     def _serve_connections(self, request, client_address):
         while True:
-            self.process_request_thread(request, client_address)
+            try:
+                self.process_request_thread(request, client_address)
+            finally:
+                self.connections.release(request, client_address[0])
             with self._waiting_lock:
                 self._waiting += 1
             try:
@@ -93,7 +186,17 @@ class TlsHttpServer(ThreadingHTTPServer):
                         return
 
     def get_request(self):
-        conn, addr = self.socket.accept()
+        try:
+            conn, addr = self.socket.accept()
+        except OSError as err:
+            if err.errno in ACCEPT_OUT_OF_RESOURCES:
+                # The connection stays queued and the socket readable: without a
+                # pause the loop would spin at full CPU until descriptors free up.
+                log.warning("accept() failed: %s; waiting %.2f s", err, self._accept_backoff)
+                time.sleep(self._accept_backoff)
+                self._accept_backoff = min(ACCEPT_BACKOFF[1], 2 * self._accept_backoff)
+            raise
+        self._accept_backoff = ACCEPT_BACKOFF[0]
         conn.settimeout(SOCKET_TIMEOUT)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn, addr
@@ -114,6 +217,7 @@ class BaseHandler(BaseHTTPRequestHandler):
     routes: dict = {}
 
     def setup(self):
+        self._deadline("the TLS handshake and the request headers", self.server.connections.limits.headers_deadline)
         try:
             self.request.do_handshake()
         except (ssl.SSLError, OSError) as err:
@@ -132,6 +236,9 @@ class BaseHandler(BaseHTTPRequestHandler):
         except (ssl.SSLError, ConnectionError, TimeoutError) as err:
             # Clients that hang up without close_notify, or idle past the timeout.
             log.debug("%s connection ended: %s", self.client_address[0], err)
+
+    def _deadline(self, what: str, seconds: float) -> None:
+        self.server.connections.set_deadline(self.request, seconds, what)
 
     def finish(self):
         try:
@@ -171,6 +278,7 @@ class BaseHandler(BaseHTTPRequestHandler):
             return False
         if not super().parse_request():
             return False
+        self._deadline("the request body and the reply", self.server.connections.limits.body_deadline)
         lengths = self.headers.get_all("Content-Length") or []
         if "Transfer-Encoding" in self.headers:
             problem = "Transfer-Encoding is not accepted; send the body with one Content-Length"
@@ -273,6 +381,7 @@ class BaseHandler(BaseHTTPRequestHandler):
         self._headers_buffer.append(b"\r\n" + (body if self.command != "HEAD" else b""))
         self.log_line(status, len(body))  # before the reply: logged once a client has it
         self.flush_headers()
+        self._deadline("the next request's headers", self.server.connections.limits.headers_deadline)
 
     def send_json(self, status: int, obj, headers: dict | None = None):
         self.send(status, (json.dumps(obj, indent=None) + "\n").encode(), "application/json", headers)

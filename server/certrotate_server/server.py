@@ -16,7 +16,7 @@ from . import pki
 from .est import EstHandler
 from .factory import Factory
 from .gateway import GatewayHandler
-from .httpbase import TlsHttpServer, server_context
+from .httpbase import ConnectionLimits, ConnectionTable, TlsHttpServer, server_context
 from .passwordguard import PasswordGuard
 from .store import Store
 
@@ -70,21 +70,24 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def serve(factory: Factory, gateway_listen: tuple[str, int], est_listen: tuple[str, int], workers: int = 1) -> int:
+def serve(factory: Factory, gateway_listen: tuple[str, int], est_listen: tuple[str, int], workers: int = 1,
+          limits: ConnectionLimits = ConnectionLimits()) -> int:
     """Run both listeners in `workers` processes sharing the listening sockets
-    (forked before any thread starts); the first process owns endpoints.json."""
+    (forked before any thread starts); the first process owns endpoints.json.
+    `limits` hold in each process."""
     _prepare_for_many_connections()
     app = App(factory)
+    connections = ConnectionTable(limits)
     device_ca = str(factory.path("device-ca.crt"))
     gateway = TlsHttpServer(
         gateway_listen, GatewayHandler,
         server_context(factory.path("gateway.crt"), factory.path("gateway.key"), ssl.CERT_REQUIRED, [device_ca]),
-        app,
+        app, connections,
     )
     est = TlsHttpServer(
         est_listen, EstHandler,
         server_context(factory.path("est.crt"), factory.path("est.key"), ssl.CERT_OPTIONAL, [device_ca]),
-        app,
+        app, connections,
     )
     # Blocked here, inherited by every worker process and thread, and taken by
     # sigwait() in the main thread: a Python handler setting an Event can

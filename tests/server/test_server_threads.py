@@ -12,7 +12,7 @@ import time
 import pytest
 
 from certrotate_server import httpbase
-from certrotate_server.httpbase import BaseHandler, TlsHttpServer, server_context
+from certrotate_server.httpbase import BaseHandler, ConnectionLimits, ConnectionTable, TlsHttpServer, server_context
 from pki import TestPki, cert_pem, key_pem, write_file
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,7 +44,8 @@ def server(tmp_path):
     cert = write_file(tmp_path / "server.crt", cert_pem(identity.cert), 0o644)
     key = write_file(tmp_path / "server.key", key_pem(identity.key), 0o600)
     root = write_file(tmp_path / "root.crt", pki.root.pem, 0o644)
-    srv = TlsHttpServer(("127.0.0.1", 0), ThreadIdHandler, server_context(cert, key, ssl.CERT_NONE), app=None)
+    srv = TlsHttpServer(("127.0.0.1", 0), ThreadIdHandler, server_context(cert, key, ssl.CERT_NONE), app=None,
+                        connections=ConnectionTable(ConnectionLimits()))
     loop = threading.Thread(target=srv.serve_forever, daemon=True)
     loop.start()
     srv.client_context = ssl.create_default_context(cafile=str(root))
