@@ -3,7 +3,9 @@
 Exit codes (docs/contracts.md): 0 done or nothing due; 1 a step failed (the
 run's deadline passing included), the rotation stays resumable; 2 usage or
 configuration error; 3 another agent holds the lock; 4 the EST enrollment is
-still pending (202) when the run stops waiting for it, retry later.
+still pending (202) when the run stops waiting for it, retry later; 5 the clock
+cannot be right (before the agent's release or the certificate's notBefore),
+nothing was started.
 
 ``check`` is what a systemd timer runs often: with nothing due it reads two
 small files and returns, importing neither requests nor cryptography (the
@@ -25,7 +27,7 @@ from .config import ConfigError, Root, check_est_url, load_agent, load_sota
 
 log = logging.getLogger("certrotate")
 
-EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_WAITING = 0, 1, 2, 3, 4
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_WAITING, EXIT_WRONG_CLOCK = 0, 1, 2, 3, 4, 5
 
 # How long `handler` waits for another certrotate run to release the lock (seconds).
 HANDLER_LOCK_WAIT = 300.0
@@ -88,7 +90,16 @@ def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason
     from . import rotation
 
     ctx = open_context(edges, lock_wait)
+    wrong_clock = None
     try:
+        # On a wrong clock a request is still journaled (fioconfig calls its handler
+        # once per change: it must not be lost), but nothing runs.
+        cert_file = edges.root(ctx.sota.cert_file)
+        state_dir = edges.root(ctx.agent.state_dir)
+        validity = policy.cached_validity(state_dir, cert_file) or policy.read_validity(state_dir, cert_file)
+        wrong_clock = policy.wrong_clock(validity, edges.clock())
+        if wrong_clock and not (rotation_id or ctx.state.current):
+            raise wrong_clock
         completed = ctx.state.completed_ids()
         if ctx.state.current is not None:
             if rotation_id and rotation_id in completed:
@@ -98,7 +109,8 @@ def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason
                 rotation.supersede(ctx, rotation.check_rotation_id(rotation_id))
             if est_server:
                 rotation.redirect_est(ctx, est_server)
-            log.info("rotation %s: resuming at step %d", ctx.rotation.rotation_id, ctx.rotation.step)
+            if not wrong_clock:
+                log.info("rotation %s: resuming at step %d", ctx.rotation.rotation_id, ctx.rotation.step)
         elif rotation_id and rotation_id in completed:
             log.info("rotation %s already completed: nothing to do", rotation_id)
             return EXIT_DONE
@@ -110,11 +122,14 @@ def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason
                     hint="set [est] server in /etc/certrotate/certrotate.toml or pass --est-server URL",
                 )
             rotation.begin(ctx, rotation_id or f"certs-{int(edges.clock())}", server, reason)
+        if wrong_clock:
+            raise wrong_clock
         if run_here:
             rotation.run(ctx)
         return EXIT_DONE
     finally:
-        rotation.deliver_events(ctx)
+        if not wrong_clock:  # on a wrong clock every server certificate looks not yet valid
+            rotation.deliver_events(ctx)
         ctx.journal.unlock()
 
 
@@ -134,6 +149,9 @@ def cmd_check(args, edges: Edges) -> int:
         sota = load_sota(root)
         cert_file = root(sota.cert_file)
         validity = policy.cached_validity(state_dir, cert_file) or policy.read_validity(state_dir, cert_file)
+        wrong_clock = policy.wrong_clock(validity, edges.clock())
+        if wrong_clock:
+            raise wrong_clock
         why = policy.due(validity, edges.clock(), agent.lifetime_fraction, agent.max_age_days)
         if why is None:
             return EXIT_DONE

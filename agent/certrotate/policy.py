@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import NamedTuple
 from pathlib import Path
 
@@ -16,6 +17,18 @@ from . import fsutil
 
 CACHE_FILE = "validity-cache.json"
 DAY = 86400.0
+# No correct clock reads earlier than this agent's release (2026-12-01; moved on
+# with each release): a device without an RTC boots in 1970, or at its image's
+# build date, until NTP answers.
+RELEASED_AT = 1796083200.0
+
+
+class WrongClock(Exception):
+    """The clock cannot be right: nothing is started or judged on it (exit code 5)."""
+
+    exit_code = 5
+    hint = ("wait until the clock is set (NTP: `timedatectl timesync-status`); the timer's next run "
+            "goes on by itself, and nothing was changed")
 
 
 class Validity(NamedTuple):
@@ -34,6 +47,20 @@ def due(validity: Validity, now: float, lifetime_fraction: float, max_age_days: 
     if elapsed >= max_age_days * DAY:
         return f"it is {elapsed / DAY:.0f} days old (policy: at most {max_age_days:g})"
     return None
+
+
+def wrong_clock(validity: Validity, now: float) -> WrongClock | None:
+    """Why ``now`` cannot be right (before this agent's release or the certificate's notBefore), or None."""
+    for earliest, what in ((RELEASED_AT, "this agent's release"),
+                           (validity.not_before, "the current certificate's notBefore")):
+        if now < earliest:
+            return WrongClock(f"the clock reads {_utc(now)}, before {what} ({_utc(earliest)}): "
+                              "it cannot be right, so no certificate is judged due and no rotation runs")
+    return None
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _fingerprint(path: Path) -> dict:

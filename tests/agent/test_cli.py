@@ -244,3 +244,36 @@ def test_plain_http_est_server_is_refused_before_anything_is_sent(source, device
     assert "what to do: use an https:// URL" in err
     state = device.state_dir / "state.json"
     assert not state.exists() or json.loads(state.read_text())["current"] is None
+
+
+def _future_dated_device(tmp_path):
+    """A device whose certificate starts 30 days from now (issued by a server whose clock ran fast)."""
+    pki = TestPki()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = pki.device(not_before=now + 30 * DAY, not_after=now + 400 * DAY)
+    return write_device_tree(tmp_path / "dev", pki, identity=cert, gateway_url="https://127.0.0.1:1",
+                             est_url="https://127.0.0.1:1/.well-known/est"), cert
+
+
+@pytest.mark.bad_input("clock that cannot be right")
+@pytest.mark.parametrize("command", ["check", "rotate"])
+def test_nothing_is_judged_or_started_at_1970(tmp_path, capsys, command):
+    device = due_device(tmp_path)  # due on a right clock; at 1970 it would look "not valid yet"
+    code = cli.main(["--root", str(device.root), command], clock=lambda: 0.0, sleep=no_sleep)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_WRONG_CLOCK, err
+    assert "the clock reads 1970-01-01T00:00:00Z, before this agent's release" in err
+    assert "what to do: wait until the clock is set" in err
+    assert "EST" not in err and "due for renewal" not in err
+    assert not (device.state_dir / "state.json").exists()
+
+
+@pytest.mark.bad_input("clock that cannot be right")
+def test_nothing_is_judged_before_the_certificates_not_before(tmp_path, capsys):
+    device, cert = _future_dated_device(tmp_path)
+    a_day_before = cert.cert.not_valid_before_utc.timestamp() - DAY.total_seconds()
+    code = cli.main(["--root", str(device.root), "check"], clock=lambda: a_day_before, sleep=no_sleep)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_WRONG_CLOCK, err
+    assert "before the current certificate's notBefore" in err
+    assert not (device.state_dir / "state.json").exists()

@@ -101,3 +101,30 @@ def test_new_est_server_replaces_a_dead_one_before_the_certificate_is_issued(bac
     assert code == cli.EXIT_DONE, err
     assert f"EST server changed from {dead} to {backend.est_url}" in err
     assert_rotated(backend, device, old, device_values={}, local_values=None)
+
+
+@pytest.mark.bad_input("clock that cannot be right")
+def test_a_request_on_a_wrong_clock_waits_for_the_clock_then_completes(backend, tmp_path, capsys, monkeypatch):
+    """Booted without an RTC: fioconfig hands over a rotation at 1970. It is journaled
+    (its one handler call must not be lost) but nothing runs; once NTP has set the
+    clock, the timer's next `check` carries it out."""
+    device, old = new_device(backend, tmp_path, "dev-c")
+    systemd = Systemd(str(fake_systemctl(tmp_path / "bin")))
+    config_file = tmp_path / "fio-rotate-certs"
+    config_file.write_text(f"ESTSERVER={backend.est_url}\nROTATIONID=certs-500\n")
+    monkeypatch.setenv("CONFIG_FILE", str(config_file))
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    code = cli.main(["--root", str(device), "handler"], clock=lambda: 0.0, systemd=systemd)
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_WRONG_CLOCK, err
+    assert "the clock reads 1970-01-01T00:00:00Z" in err and "resuming" not in err
+    state = json.loads((device / "var/sota/certrotate/state.json").read_text())
+    assert state["current"]["rotation_id"] == "certs-500" and state["current"]["step"] == 0
+    assert old.key_pem == (device / "var/sota/pkey.pem").read_bytes()
+    assert backend.gateway(device, "GET", "/device").json()["next_pubkey"] is None  # nothing sent
+
+    # Still 1970 at the next timer run: still nothing.
+    assert cli.main(["--root", str(device), "check"], clock=lambda: 0.0, systemd=systemd) == cli.EXIT_WRONG_CLOCK
+    # The clock jumps forward (NTP): the next run completes the journaled rotation.
+    assert cli.main(["--root", str(device), "check"], systemd=systemd) == cli.EXIT_DONE, capsys.readouterr().err
+    assert_rotated(backend, device, old, device_values={}, local_values=None)

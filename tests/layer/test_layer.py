@@ -355,8 +355,11 @@ def test_service_is_a_hardened_oneshot_started_only_by_the_timer(recipe, payload
     service = unit_sections(destdir / "usr/lib/systemd/system/certrotate.service")
     assert "Install" not in service
     assert service["Unit"]["ConditionPathExists"] == ["/var/sota/sota.toml"]
-    assert service["Unit"]["After"] == ["network-online.target"] and service["Unit"]["Wants"] == ["network-online.target"]
+    assert service["Unit"]["After"] == ["network-online.target time-sync.target"]
+    assert service["Unit"]["Wants"] == ["network-online.target"]
     hardening = service["Service"]
+    # 3 locked, 4 EST pending, 5 clock not set: each retried by the next timer run.
+    assert hardening["SuccessExitStatus"] == ["3 4 5"]
     assert hardening["Type"] == ["oneshot"] and hardening["ExecStart"] == ["/usr/bin/certrotate check"]
     assert hardening["ProtectSystem"] == ["strict"]
     assert hardening["ReadWritePaths"] == ["/var/sota -/etc/sota"]
