@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 
-from . import certs, pki
+from . import certs, pki, policy
 from .config import Root, load_agent, load_sota
 from .events import EventQueue
 from .journal import Journal
@@ -17,6 +17,7 @@ def collect(root: Root, now: float) -> dict:
     cert = certs.load_certs(root(sota.cert_file), sota.cert_file)[0]
     not_before, not_after = pki.validity(cert)
     moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+    wrong_clock = policy.wrong_clock(policy.Validity(not_before.timestamp(), not_after.timestamp()), now)
     state_dir = root(agent.state_dir)
     state = Journal(state_dir).load()
     current = state.current
@@ -28,8 +29,10 @@ def collect(root: Root, now: float) -> dict:
             "serial": format(cert.serial_number, "x"),
             "not_before": not_before.isoformat(),
             "not_after": not_after.isoformat(),
-            "days_left": round((not_after - moment).total_seconds() / 86400, 1),
+            # Unknown on a clock that cannot be right: no judgement is made on it.
+            "days_left": None if wrong_clock else round((not_after - moment).total_seconds() / 86400, 1),
         },
+        "clock_problem": str(wrong_clock) if wrong_clock else None,
         "rotation": None if current is None else {
             "id": current.rotation_id,
             "step": current.step,
@@ -50,8 +53,11 @@ def render(data: dict) -> str:
         f"certificate: {cert['file']}",
         f"  subject:   {cert['subject']}",
         f"  serial:    {cert['serial']}",
-        f"  notAfter:  {cert['not_after']} ({cert['days_left']:g} days left)",
+        f"  notAfter:  {cert['not_after']} "
+        + (f"({cert['days_left']:g} days left)" if cert["days_left"] is not None else "(days left unknown)"),
     ]
+    if data["clock_problem"]:
+        lines.append(f"clock: {data['clock_problem']}")
     rotation = data["rotation"]
     if rotation is None:
         lines.append("rotation in progress: none")

@@ -277,3 +277,13 @@ def test_nothing_is_judged_before_the_certificates_not_before(tmp_path, capsys):
     assert code == cli.EXIT_WRONG_CLOCK, err
     assert "before the current certificate's notBefore" in err
     assert not (device.state_dir / "state.json").exists()
+
+
+@pytest.mark.bad_input("clock that cannot be right")
+def test_status_on_a_wrong_clock_says_so_instead_of_counting_days(device, capsys):
+    assert cli.main(["--root", str(device.root), "status"], clock=lambda: 0.0) == 0
+    text = capsys.readouterr().out
+    assert "(days left unknown)" in text and "clock: the clock reads 1970-01-01T00:00:00Z" in text
+    assert cli.main(["--root", str(device.root), "status", "--json"], clock=lambda: 0.0) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["certificate"]["days_left"] is None and "before this agent's release" in data["clock_problem"]
