@@ -96,7 +96,8 @@ def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason
         # once per change: it must not be lost), but nothing runs.
         cert_file = edges.root(ctx.sota.cert_file)
         state_dir = edges.root(ctx.agent.state_dir)
-        validity = policy.cached_validity(state_dir, cert_file) or policy.read_validity(state_dir, cert_file)
+        # Not cached here: a rotation writes nothing before its journal entry.
+        validity = policy.cached_validity(state_dir, cert_file) or policy.parse_validity(cert_file)
         wrong_clock = policy.wrong_clock(validity, edges.clock())
         if wrong_clock and not (rotation_id or ctx.state.current):
             raise wrong_clock

@@ -79,12 +79,17 @@ def cached_validity(state_dir: Path, cert_file: Path) -> Validity | None:
         return None
 
 
-def read_validity(state_dir: Path, cert_file: Path) -> Validity:
-    """Parse ``cert_file`` (imports cryptography) and refresh the cache."""
+def parse_validity(cert_file: Path) -> Validity:
+    """Parse ``cert_file`` (imports cryptography)."""
     from . import certs, pki
 
     not_before, not_after = pki.validity(certs.load_certs(cert_file)[0])
-    validity = Validity(not_before.timestamp(), not_after.timestamp())
+    return Validity(not_before.timestamp(), not_after.timestamp())
+
+
+def read_validity(state_dir: Path, cert_file: Path) -> Validity:
+    """Parse ``cert_file`` and refresh the cache."""
+    validity = parse_validity(cert_file)
     fsutil.ensure_private_dir(Path(state_dir))
     record = {"file": _fingerprint(cert_file), "not_before": validity.not_before,
               "not_after": validity.not_after}
