@@ -18,7 +18,7 @@ class ServerConfigStep(Step):
     key = "server_config"
 
     def run(self, ctx: Context) -> None:
-        reply = ctx.gateway(ctx.old_identity(), "GET", "/config-device", point="server_config:get")
+        reply = ctx.gateway(ctx.server_identity(), "GET", "/config-device", point="server_config:get")
         if reply.status == 204:
             return
         expect(reply, range(200, 201), "GET /config-device")
@@ -44,5 +44,5 @@ class ServerConfigStep(Step):
             ],
             "public-key": certs.public_pem(new_key),
         }
-        reply = ctx.gateway(ctx.old_identity(), "PATCH", "/config", point="server_config:patch", json=body)
+        reply = ctx.gateway(ctx.server_identity(), "PATCH", "/config", point="server_config:patch", json=body)
         expect(reply, range(200, 205), "PATCH /config (device config for the new key)")

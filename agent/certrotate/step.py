@@ -74,6 +74,20 @@ class Context:
     def new_identity(self) -> tuple[Path, Path]:
         return self.root(self.rotation.new_cert_file), self.root(self.rotation.new_key_file)
 
+    def staged_identity(self) -> tuple[Path, Path]:
+        """The new certificate and key where step 1 left them, before finalize installs them."""
+        rotation_id = self.rotation.rotation_id
+        return self.journal.new_cert_path(rotation_id), self.journal.new_key_path(rotation_id)
+
+    def old_expired(self) -> bool:
+        return self.old_certs()[0].not_valid_after_utc.timestamp() <= self.clock()
+
+    def server_identity(self) -> tuple[Path, Path]:
+        """Who steps 2 to 4 speak to the gateway as: the old identity or, once its
+        certificate has expired (the gateway refuses it; the EST server announced the
+        new key when it renewed the expired one), the staged new one."""
+        return self.staged_identity() if self.old_expired() else self.old_identity()
+
     def old_key(self):
         return certs.load_key(self.root(self.rotation.old_key_file), self.rotation.old_key_file)
 

@@ -65,6 +65,7 @@ def cmd_init(args) -> int:
             manual_approval=args.manual_approval, retry_after=args.retry_after,
             b64_line_length=0 if args.b64_one_line else 64, validity_days=args.validity_days,
             max_body=args.max_body, allow_csr_san=args.allow_csr_san,
+            expired_renewal_days=args.expired_renewal_days,
         )
     except (FactoryError, pki.PkiError) as err:
         raise CliError(str(err), EXIT_USAGE) from None
@@ -279,6 +280,15 @@ def cmd_est_requests(args) -> int:
     return 0
 
 
+def cmd_est_expired_renewal(args) -> int:
+    factory = _factory(args)
+    if args.days < 0:
+        raise CliError("--days must be 0 (never) or more", EXIT_USAGE)
+    factory.set_est_setting("expired_renewal_days", args.days)
+    print(f"expired certificates renew up to {args.days} days after notAfter; restart `serve` to apply")
+    return 0
+
+
 def cmd_est_approve(args) -> int:
     _, store = _store(args)
     with store.transaction() as conn:
@@ -309,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--est-label", action="append", help="accept this RFC 7030 CA label (repeatable)")
     p.add_argument("--manual-approval", action="store_true", help="EST answers 202 until an operator approves")
     p.add_argument("--retry-after", type=int, default=30, help="Retry-After seconds of 202 replies (at least 1; default 30)")
+    p.add_argument("--expired-renewal-days", type=int, default=90, metavar="DAYS",
+                   help="days after notAfter during which an expired device certificate still renews "
+                        "with simplereenroll (0: never; default 90; change later with `est expired-renewal`)")
     p.add_argument("--b64-one-line", action="store_true", help="base64 EST bodies on one line (not wrapped at 64)")
     p.add_argument("--validity-days", type=int, default=365, help="validity of EST-issued certificates")
     p.add_argument("--max-body", type=int, default=64 * 1024, help="largest EST request body in bytes")
@@ -388,12 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true")
     p.set_defaults(func=cmd_events)
 
-    est = sub.add_parser("est", help="manual-approval queue").add_subparsers(dest="est_command", required=True)
+    est = sub.add_parser("est", help="manual-approval queue, expired-certificate renewal window").add_subparsers(dest="est_command", required=True)
     p = est.add_parser("requests", parents=[common])
     p.set_defaults(func=cmd_est_requests)
     p = est.add_parser("approve", parents=[common])
     p.add_argument("ids", nargs="+", type=int)
     p.set_defaults(func=cmd_est_approve)
+    p = est.add_parser("expired-renewal", parents=[common],
+                       help="days after notAfter during which an expired device certificate still renews")
+    p.add_argument("--days", type=int, required=True, help="0: never")
+    p.set_defaults(func=cmd_est_expired_renewal)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import re
 
 from cryptography import x509
@@ -196,6 +197,7 @@ class EstHandler(BaseHandler):
         if pki.pubkey_pem(current.public_key()) not in (row["pubkey"], row["next_pubkey"]):
             raise HttpError(403, f"this certificate's key is neither the current key of device {name!r} "
                             "nor its announced next key; renew with the device's current certificate")
+        late = self._lateness(current, row)
         csr = self._read_csr()
         if csr.subject.public_bytes() != current.subject.public_bytes():
             raise HttpError(
@@ -210,8 +212,42 @@ class EstHandler(BaseHandler):
             raise HttpError(400, "CSR subjectAltName differs from the certificate's; copy it byte for byte")
         key = pki.pubkey_pem(csr.public_key())
         self._await_approval(key, csr)
-        self._issue(current.subject, cert_san.value if cert_san else None, csr, key,
-                    lambda conn, cert: devices.record_certificate(conn, cert, name, "est-reenroll"))
+
+        def record(conn, cert):
+            devices.record_certificate(conn, cert, name, "est-reenroll")
+            if late is not None:
+                # The gateway refuses the expired certificate, so the device cannot announce
+                # its new key there: this request, made with the current key, announces it.
+                conn.execute("UPDATE devices SET next_pubkey = ? WHERE name = ?", (key, name))
+                self.server.app.store.add_factory_event(conn, "DEVICE_RENEWED_AFTER_EXPIRY", name, {
+                    "device": name, "old-not-after": current.not_valid_after_utc.isoformat(),
+                    "late-seconds": int(late.total_seconds()), "new-serial": format(cert.serial_number, "x"),
+                })
+
+        self._issue(current.subject, cert_san.value if cert_san else None, csr, key, record)
+
+    def _lateness(self, cert: x509.Certificate, row) -> dt.timedelta | None:
+        """How long ago `cert` expired (None: it is valid), if it may still renew.
+
+        The TLS layer checked its chain and signatures but not its dates (an expired
+        certificate reaches this handler): within the factory's window it renews
+        the device's current key, and only that."""
+        now = dt.datetime.now(dt.timezone.utc)
+        if now < cert.not_valid_before_utc:
+            raise HttpError(403, f"this certificate is not valid before {cert.not_valid_before_utc.isoformat()}; "
+                            "check the device's clock and the CA's")
+        late = now - cert.not_valid_after_utc
+        if late <= dt.timedelta(0):
+            return None
+        window = self.settings.expired_renewal_days
+        if late > dt.timedelta(days=window):
+            # One short line: clients quote the first line of the reply.
+            raise HttpError(403, f"certificate expired {cert.not_valid_after_utc:%Y-%m-%d} ({late.days} days ago), "
+                            f"past the factory's {window}-day renewal window; operator: certrotate-server est "
+                            "expired-renewal --days N, restart serve\nOr register the device again.")
+        if pki.pubkey_pem(cert.public_key()) != row["pubkey"]:
+            raise HttpError(403, "an expired certificate renews only the device's current key")
+        return late
 
     def _issue(self, subject, san, csr, key: str, record) -> None:
         """Issue the certificate, store it with ``record(conn, cert)`` (an approval it

@@ -47,6 +47,9 @@ class EstSettings:
     validity_days: int
     max_body: int
     allow_csr_san: bool = False  # simpleenroll: issue a CSR's subjectAltName instead of refusing it
+    # simplereenroll: days after notAfter during which an expired current certificate
+    # still renews (a device shelved past its one-year certificate); 0: never.
+    expired_renewal_days: int = 90
     _verified: bytes | None = field(default=None, repr=False)
 
     def password_known(self, password: str) -> bool:
@@ -121,6 +124,12 @@ class Factory:
             pki.INITIAL_DEVICE_DAYS,
         )
 
+    def set_est_setting(self, name: str, value) -> None:
+        """Change one EST setting in factory.json (a running `serve` reads it when restarted)."""
+        self.settings["est"][name] = value
+        self.est = EstSettings(**self.settings["est"])
+        pki.write_public(self.dir / "factory.json", (json.dumps(self.settings, indent=2) + "\n").encode())
+
     def endpoints(self) -> dict | None:
         try:
             return json.loads(self.endpoints_path.read_text())
@@ -143,6 +152,7 @@ def init_factory(
     validity_days: int = 365,
     max_body: int = 64 * 1024,
     allow_csr_san: bool = False,
+    expired_renewal_days: int = 90,
 ) -> Factory:
     path = Path(path)
     if (path / "factory.json").exists():
@@ -151,6 +161,8 @@ def init_factory(
         raise FactoryError("importing a root CA needs both --root-ca-cert and --root-ca-key")
     if validity_days < 1:
         raise FactoryError("--validity-days must be at least 1")
+    if expired_renewal_days < 0:
+        raise FactoryError("--expired-renewal-days must be 0 (never) or more")
     if retry_after < 1:
         # Clients resend at once on a Retry-After of 0 (certrotate waits a second at least).
         raise FactoryError(f"--retry-after must be at least 1 second, not {retry_after}: "
@@ -204,6 +216,7 @@ def init_factory(
             "validity_days": validity_days,
             "max_body": max_body,
             "allow_csr_san": allow_csr_san,
+            "expired_renewal_days": expired_renewal_days,
         },
     }
     pki.write_public(path / "factory.json", (json.dumps(settings, indent=2) + "\n").encode())

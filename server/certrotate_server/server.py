@@ -86,7 +86,9 @@ def serve(factory: Factory, gateway_listen: tuple[str, int], est_listen: tuple[s
     )
     est = TlsHttpServer(
         est_listen, EstHandler,
-        server_context(factory.path("est.crt"), factory.path("est.key"), ssl.CERT_OPTIONAL, [device_ca]),
+        # EST judges a client certificate's validity itself: an expired one may still renew.
+        server_context(factory.path("est.crt"), factory.path("est.key"), ssl.CERT_OPTIONAL, [device_ca],
+                       client_validity_checked=False),
         app, connections,
     )
     # Blocked here, inherited by every worker process and thread, and taken by
