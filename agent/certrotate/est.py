@@ -148,7 +148,7 @@ class EstClient:
         value = reply.headers.get("Retry-After", "").strip()
         if not value:
             return DEFAULT_RETRY_AFTER
-        if value.isdigit():
+        if value.isascii() and value.isdigit():  # str.isdigit alone takes "²", which float() refuses
             return max(MIN_RETRY_AFTER, float(value))
         try:
             when = email.utils.parsedate_to_datetime(value)

@@ -117,6 +117,19 @@ def read_secret(path: Path) -> bytes:
         return f.read()
 
 
+def delete_public(path: Path, *, point: str | None = None) -> bool:
+    """Unlink the public file ``path`` (a certificate: nothing to wipe, so another hard
+    link to it does no harm) and fsync its directory; False when it was already gone."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return False
+    if point:
+        crashpoints.reach(point)
+    _remove_name(path)
+    fsync_dir(path.parent)
+    return True
+
+
 def secure_delete(path: Path, *, point: str | None = None) -> bool:
     """Overwrite ``path`` with zeros, fsync, unlink; False when it was already gone.
 

@@ -2,6 +2,8 @@
 
 The old key file is overwritten with zeros, fsynced and unlinked; so are the
 rotation's own copies in the state dir (the new key now lives in /var/sota).
+The old certificate is public: it is unlinked, even when another hard link
+shares it (refusing it would stop the rotation here on every run).
 An old key or certificate that is a symlink is unlinked itself; the file it
 points to is wiped with it only when that is the device's own file in
 aktualizr-lite's storage (storage.path, /var/sota): a file elsewhere is
@@ -26,9 +28,10 @@ class RetireStep(Step):
         keep = {rotation.new_key_file, rotation.new_cert_file}
         storage = Path(os.path.realpath(ctx.root(ctx.sota.storage_path)))
         kept_files = {Path(os.path.realpath(ctx.root(device_path))) for device_path in keep}
-        for device_path, what in ((rotation.old_key_file, "old-key"), (rotation.old_cert_file, "old-cert")):
+        for device_path, what, delete in ((rotation.old_key_file, "old-key", fsutil.secure_delete),
+                                          (rotation.old_cert_file, "old-cert", fsutil.delete_public)):
             if device_path not in keep:
-                _retire_old(ctx.root(device_path), storage, kept_files, point=f"retire:{what}")
+                _retire_old(ctx.root(device_path), storage, kept_files, delete, point=f"retire:{what}")
         rotation_id = rotation.rotation_id
         for path, what in (
             (ctx.journal.new_key_path(rotation_id), "staged-key"),
@@ -38,14 +41,14 @@ class RetireStep(Step):
             fsutil.secure_delete(path, point=f"retire:{what}")
 
 
-def _retire_old(path: Path, storage: Path, kept_files: set[Path], *, point: str) -> None:
+def _retire_old(path: Path, storage: Path, kept_files: set[Path], delete, *, point: str) -> None:
     if not path.is_symlink():
-        fsutil.secure_delete(path, point=point)
+        delete(path, point=point)
         return
     target = Path(os.path.realpath(path))
     # The target goes first: a crash in between leaves a dangling link, which a
     # resumed run unlinks; the other order would leave the old key behind for good.
     if target.is_relative_to(storage) and target not in kept_files and target.is_file():
-        fsutil.secure_delete(target, point=point)
+        delete(target, point=point)
     os.unlink(path)
     fsutil.fsync_dir(path.parent)

@@ -211,12 +211,13 @@ def parse_config_files(files) -> list[dict]:
 
 def store_config_files(conn, scope: str, owner: str, files: list[dict], reason: str) -> None:
     now = utcnow()
+    before = _config_usage(conn, scope, owner)
     for f in files:
         conn.execute(
             "INSERT OR REPLACE INTO config_files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (scope, owner, f["name"], f["value"], int(f["unencrypted"]), json.dumps(f["on-changed"]), reason, now),
         )
-    _check_config_quota(conn, scope, owner)
+    _check_config_quota(scope, owner, before, _config_usage(conn, scope, owner))
     # Never moves back, even if the server's clock does: a device then downloads once too often.
     conn.execute(
         "INSERT INTO config_changes VALUES (?, ?, ?) ON CONFLICT (scope, owner) "
@@ -225,14 +226,21 @@ def store_config_files(conn, scope: str, owner: str, files: list[dict], reason: 
     )
 
 
-def _check_config_quota(conn, scope: str, owner: str) -> None:
+def _config_usage(conn, scope: str, owner: str) -> tuple[int, int]:
+    """(files, bytes as served) of one scope's config."""
     rows = conn.execute("SELECT * FROM config_files WHERE scope = ? AND owner = ?", (scope, owner)).fetchall()
+    return len(rows), len(json.dumps(_fioconfig_map(rows)))
+
+
+def _check_config_quota(scope: str, owner: str, before: tuple[int, int], after: tuple[int, int]) -> None:
+    """Refuse a change that grows a scope past a quota; one that does not grow it passes,
+    so a scope already over (quotas came later) can still be rewritten, by a rotation too."""
     where = f"{scope} {owner!r}" if owner else scope
-    if len(rows) > CONFIG_FILES_PER_SCOPE:
-        raise DeviceError(413, f"the {where} config would hold {len(rows)} files, over its quota of "
+    (files_before, size_before), (files, size) = before, after
+    if files > CONFIG_FILES_PER_SCOPE and files > files_before:
+        raise DeviceError(413, f"the {where} config would hold {files} files, over its quota of "
                           f"{CONFIG_FILES_PER_SCOPE}; put several values in one file")
-    size = len(json.dumps(_fioconfig_map(rows)))
-    if size > CONFIG_BYTES_PER_SCOPE:
+    if size > CONFIG_BYTES_PER_SCOPE and size > size_before:
         raise DeviceError(413, f"the {where} config would be {size} bytes, over its quota of "
                           f"{CONFIG_BYTES_PER_SCOPE}; keep large content out of config files")
 

@@ -132,12 +132,11 @@ class EstHandler(BaseHandler):
             user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             return False
-        if user != self.settings.username:
-            return False
-        if self.settings.password_known(password):
-            return True
+        right_user = user == self.settings.username
         return self.server.app.password_guard.check(
-            self.client_address[0], lambda: self.settings.password_ok(password))
+            self.client_address[0],
+            known=lambda: right_user and self.settings.password_known(password),
+            verify=lambda: right_user and self.settings.password_ok(password))
 
     def simpleenroll(self):
         """Initial enrollment, with the factory's EST credentials (HTTP Basic).

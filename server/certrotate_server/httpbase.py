@@ -157,8 +157,12 @@ class TlsHttpServer(ThreadingHTTPServer):
                 self._waiting -= 1
                 self._handoff.put((request, client_address))
                 return
-        threading.Thread(target=self._serve_connections, args=(request, client_address),
-                         daemon=True).start()
+        try:
+            threading.Thread(target=self._serve_connections, args=(request, client_address),
+                             daemon=True).start()
+        except BaseException:  # no thread (a pids limit): socketserver closes the connection
+            self.connections.release(request, client_address[0])
+            raise
 
     def verify_request(self, request, client_address) -> bool:
         return self.connections.admit(client_address[0])  # refused: closed at once
@@ -280,7 +284,11 @@ class BaseHandler(BaseHTTPRequestHandler):
             return False
         self._deadline("the request body and the reply", self.server.connections.limits.body_deadline)
         lengths = self.headers.get_all("Content-Length") or []
-        if "Transfer-Encoding" in self.headers:
+        if self.headers.defects or any("\r" in v or "\n" in v for v in self.headers.values()):
+            # The parser stops at a malformed line ("Content-Length : 5") and joins folded
+            # ones: the headers after it, the length among them, would go unseen.
+            problem = "a malformed or folded header line; send one \"Name: value\" per line"
+        elif "Transfer-Encoding" in self.headers:
             problem = "Transfer-Encoding is not accepted; send the body with one Content-Length"
         elif len(lengths) > 1:
             problem = "more than one Content-Length header; send one"

@@ -35,21 +35,30 @@ class PasswordGuard:
         self._lock = threading.Lock()
         self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()  # client -> (window start, count)
 
-    def check(self, client: str, verify: Callable[[], bool]) -> bool:
-        """``verify()`` (the expensive check) under the bounds; HttpError 429/503 when refused."""
-        wait = self._penalty(client)
-        if wait:
-            raise HttpError(429, f"too many failed EST logins from {client}; retry in {wait} s",
-                            {"Retry-After": wait})
+    def check(self, client: str, known: Callable[[], bool], verify: Callable[[], bool]) -> bool:
+        """Whether the credentials are good: ``known()`` (cheap: the password already
+        verified) or else ``verify()`` (scrypt), under the bounds; HttpError 429/503
+        when refused. A client being made to wait is refused first, even with the
+        right password: the cheap check must not become a fast oracle."""
+        self._refuse_if_waiting(client)
+        if known():
+            return True
         if not self._slots.acquire(timeout=QUEUE_WAIT_SECONDS):
             raise HttpError(503, "the EST server is busy checking credentials; retry shortly", {"Retry-After": 5})
         try:
+            self._refuse_if_waiting(client)  # again: failures counted while this one queued
             ok = self._threads.submit(verify).result()
         finally:
             self._slots.release()
         if not ok:
             self._fail(client)
         return ok
+
+    def _refuse_if_waiting(self, client: str) -> None:
+        wait = self._penalty(client)
+        if wait:
+            raise HttpError(429, f"too many failed EST logins from {client}; retry in {wait} s",
+                            {"Retry-After": wait})
 
     def _penalty(self, client: str) -> int:
         """Seconds the client must still wait, or 0."""

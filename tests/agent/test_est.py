@@ -152,9 +152,9 @@ def test_202_beyond_the_bound_is_pending(server, ca_file, device, sleeps):
 def test_202_waits_at_least_a_second_whatever_retry_after_says(client, device, server, sleeps):
     an_hour_ago = email.utils.formatdate(time.time() - 3600, usegmt=True)
     pending_then_good(server, *(Answer(status=202, content_type=None, headers={"Retry-After": value})
-                                for value in ("0", an_hour_ago, "-3", "soon")))
+                                for value in ("0", an_hour_ago, "-3", "soon", "\u00b2")))
     reenroll(client, device)
-    assert sleeps == [1.0, 1.0, est.DEFAULT_RETRY_AFTER, est.DEFAULT_RETRY_AFTER]
+    assert sleeps == [1.0, 1.0, est.DEFAULT_RETRY_AFTER, est.DEFAULT_RETRY_AFTER, est.DEFAULT_RETRY_AFTER]
 
 
 @pytest.mark.bad_input("EST 202 asking for no wait")

@@ -93,6 +93,23 @@ def test_hard_linked_old_key_is_refused_before_anything_changes(backend, tmp_pat
     assert_rotated(backend, device, old, device_values={}, local_values=None)
 
 
+@pytest.mark.bad_input("hard-linked old identity")
+def test_hard_linked_old_certificate_is_retired_and_the_other_name_kept(backend, tmp_path):
+    """A certificate is public: a second name for it must not stop the retire step."""
+    device, old = new_device(backend, tmp_path, "dev-hardlinked-cert")
+    cert_file = device / "var/sota/client.pem"
+    copy = tmp_path / "backup/client.pem"
+    copy.parent.mkdir()
+    os.link(cert_file, copy)
+    kept = copy.read_bytes()
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+    run = run_agent(device, "rotate", "--rotation-id", "certs-linked-cert", bin_dir=bin_dir)
+    assert run.returncode == 0, run.stderr
+    assert_rotated(backend, device, old, device_values={}, local_values=None)
+    assert not cert_file.exists() and copy.read_bytes() == kept
+
+
 @pytest.mark.bad_input("umask 000")
 def test_directories_the_agent_creates_are_0700_under_umask_000(backend, tmp_path):
     device, old = new_device(backend, tmp_path, "dev-umask")

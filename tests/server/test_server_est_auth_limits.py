@@ -66,11 +66,35 @@ def test_concurrent_wrong_passwords_are_bounded(backend):
 
 
 def test_repeated_failures_of_one_client_wait(backend):
+    password = (backend.dir / "est-password").read_text().strip()
+    # Verified once, the password is then checked cheaply: that check must not answer a guesser.
+    assert attempt(backend, enroll_request(password, "first"), source="127.0.9.8")[0] == 200
     statuses = [attempt(backend, enroll_request("wrong"), source="127.0.9.9") for _ in range(8)]
     assert [s for s, _ in statuses[:5]] == [401] * 5
     assert all(s == 429 and int(h["retry-after"]) >= 1 for s, h in statuses[5:]), statuses
     # Even the right password waits out the penalty from that address...
-    password = (backend.dir / "est-password").read_text().strip()
     assert attempt(backend, enroll_request(password, "from-guesser"), source="127.0.9.9")[0] == 429
     # ...while other clients are unaffected.
     assert attempt(backend, enroll_request(password, "elsewhere"), source="127.0.9.10")[0] == 200
+
+
+def test_concurrent_guesses_from_one_client_are_counted(backend):
+    """The failure count is checked again once a guess gets its turn: 40 guesses at
+    once from one address run scrypt about as often as 5 in a row would."""
+    request = enroll_request("wrong")
+    results: list[int] = []
+    go = threading.Barrier(40)
+
+    def guess():
+        go.wait()
+        results.append(attempt(backend, request, source="127.0.9.30")[0])
+
+    threads = [threading.Thread(target=guess) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    checked = results.count(401)
+    print(f"40 concurrent guesses from one address: {checked} checked, the rest refused ({sorted(set(results))})")
+    assert len(results) == 40 and set(results) <= {401, 429, 503}
+    assert 1 <= checked <= 5 + 2, f"{checked} guesses were checked"  # 5 allowed, 2 more in flight at most

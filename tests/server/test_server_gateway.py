@@ -256,3 +256,19 @@ def test_stored_events_are_bounded_per_device(backend, device):
     # The newest are kept, the oldest dropped: at most the quota per device.
     assert 0 < len(listing) <= 1000
     assert any("u-2999" in line for line in listing) and not any(" u-0 " in f" {line} " for line in listing)
+
+
+@pytest.mark.bad_input("per-device quota")
+def test_a_scope_over_quota_can_still_be_rewritten_but_not_grown(backend, device, tmp_path):
+    """A device config stored over the quota (before quotas existed) must not lock its
+    rotation: the rotation's re-encrypted upload rewrites it at the same size."""
+    import sqlite3
+    with sqlite3.connect(backend.dir / "certrotate.db") as db:
+        db.executemany("INSERT INTO config_files VALUES ('device', 'dev-1', ?, ?, 1, '[]', 'old', '2026-01-01')",
+                       [(f"legacy-{i}", "L" * 100_000) for i in range(4)])
+    same = backend.gateway(device, "PATCH", "/config", json={
+        "files": [{"name": "legacy-0", "value": "M" * 100_000, "unencrypted": True}]})
+    assert same.status_code == 200, same.text
+    grown = backend.gateway(device, "PATCH", "/config", json={
+        "files": [{"name": "legacy-1", "value": "M" * 100_001, "unencrypted": True}]})
+    assert grown.status_code == 413 and "quota" in grown.text

@@ -76,6 +76,11 @@ SMUGGLING = {
     "chunked and length": {"Content-Length": "2", "Transfer-Encoding": "chunked"},
     "chunked alone": {"Transfer-Encoding": "chunked"},
     "identity coding": {"Transfer-Encoding": "identity", "Content-Length": "2"},
+    # Python's header parser stops at a malformed line and joins folded ones: the
+    # length after them would go unseen and the body be read as the next request.
+    "space before the colon": {"Content-Length ": "2"},
+    "malformed line before the length": {"Foo bar\r\nContent-Length": "2"},
+    "length folded into another header": {"X-Note": "1\r\n Content-Length: 2"},
 }
 
 
