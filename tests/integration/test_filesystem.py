@@ -68,15 +68,21 @@ def test_symlinked_old_key_and_certificate_are_retired_without_touching_outside_
     assert snapshot(outside) == outside_before
 
 
-@pytest.mark.bad_input("hard-linked old key")
-def test_hard_linked_old_key_is_refused_before_anything_changes(backend, tmp_path):
-    device, old = new_device(backend, tmp_path, "dev-hardlinked-key")
-    key_file = device / "var/sota/pkey.pem"
-    copy = tmp_path / "someone-keeps/pkey.pem"
+def hard_linked_device(backend, tmp_path: Path, name: str, file_name: str):
+    """A registered device whose var/sota/`file_name` has a second name outside the tree."""
+    device, old = new_device(backend, tmp_path, name)
+    linked = device / "var/sota" / file_name
+    copy = tmp_path / "someone-keeps" / file_name
     copy.parent.mkdir()
-    os.link(key_file, copy)
+    os.link(linked, copy)
     bin_dir = tmp_path / "bin"
     fake_systemctl(bin_dir)
+    return device, old, linked, copy, bin_dir
+
+
+@pytest.mark.bad_input("hard-linked old key")
+def test_hard_linked_old_key_is_refused_before_anything_changes(backend, tmp_path):
+    device, old, key_file, copy, bin_dir = hard_linked_device(backend, tmp_path, "dev-hardlinked-key", "pkey.pem")
 
     refused = run_agent(device, "rotate", "--rotation-id", "certs-hardlinked", bin_dir=bin_dir)
     assert refused.returncode == 1, refused.stderr
@@ -96,14 +102,8 @@ def test_hard_linked_old_key_is_refused_before_anything_changes(backend, tmp_pat
 @pytest.mark.bad_input("hard-linked old identity")
 def test_hard_linked_old_certificate_is_retired_and_the_other_name_kept(backend, tmp_path):
     """A certificate is public: a second name for it must not stop the retire step."""
-    device, old = new_device(backend, tmp_path, "dev-hardlinked-cert")
-    cert_file = device / "var/sota/client.pem"
-    copy = tmp_path / "backup/client.pem"
-    copy.parent.mkdir()
-    os.link(cert_file, copy)
+    device, old, cert_file, copy, bin_dir = hard_linked_device(backend, tmp_path, "dev-hardlinked-cert", "client.pem")
     kept = copy.read_bytes()
-    bin_dir = tmp_path / "bin"
-    fake_systemctl(bin_dir)
     run = run_agent(device, "rotate", "--rotation-id", "certs-linked-cert", bin_dir=bin_dir)
     assert run.returncode == 0, run.stderr
     assert_rotated(backend, device, old, device_values={}, local_values=None)
