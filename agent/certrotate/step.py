@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import certs, http
+from . import certs, http, pki
 from .config import AgentConfig, Root, SotaConfig
 from .deadline import Deadline
 from .events import EventQueue
@@ -80,7 +80,7 @@ class Context:
         return self.journal.new_cert_path(rotation_id), self.journal.new_key_path(rotation_id)
 
     def old_expired(self) -> bool:
-        return self.old_certs()[0].not_valid_after_utc.timestamp() <= self.clock()
+        return pki.validity(self.old_certs()[0])[1].timestamp() <= self.clock()
 
     def server_identity(self) -> tuple[Path, Path]:
         """Who steps 2 to 4 speak to the gateway as: the old identity or, once its

@@ -250,9 +250,10 @@ def _future_dated_device(tmp_path):
     """A device whose certificate starts 30 days from now (issued by a server whose clock ran fast)."""
     pki = TestPki()
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = pki.device(not_before=now + 30 * DAY, not_after=now + 400 * DAY)
+    not_before = now + 30 * DAY
+    cert = pki.device(not_before=not_before, not_after=now + 400 * DAY)
     return write_device_tree(tmp_path / "dev", pki, identity=cert, gateway_url="https://127.0.0.1:1",
-                             est_url="https://127.0.0.1:1/.well-known/est"), cert
+                             est_url="https://127.0.0.1:1/.well-known/est"), not_before
 
 
 @pytest.mark.bad_input("clock that cannot be right")
@@ -270,8 +271,8 @@ def test_nothing_is_judged_or_started_at_1970(tmp_path, capsys, command):
 
 @pytest.mark.bad_input("clock that cannot be right")
 def test_nothing_is_judged_before_the_certificates_not_before(tmp_path, capsys):
-    device, cert = _future_dated_device(tmp_path)
-    a_day_before = cert.cert.not_valid_before_utc.timestamp() - DAY.total_seconds()
+    device, not_before = _future_dated_device(tmp_path)
+    a_day_before = (not_before - DAY).timestamp()
     code = cli.main(["--root", str(device.root), "check"], clock=lambda: a_day_before, sleep=no_sleep)
     err = capsys.readouterr().err
     assert code == cli.EXIT_WRONG_CLOCK, err
