@@ -39,6 +39,8 @@ DRAIN_LIMIT = 4 * 1024 * 1024
 CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 # JSON integers are stored in SQLite, which holds 64 bits.
 JSON_INT_RANGE = range(-(2**63), 2**63)
+# OpenSSL's X509_V_FLAG_NO_CHECK_TIME (the ssl module has no name for it).
+VERIFY_NO_CHECK_TIME = 0x200000
 
 
 class HttpError(Exception):
@@ -69,23 +71,25 @@ class ConnectionTable:
         self._clock = clock
         self._lock = threading.Lock()
         self._per_address: Counter[str] = Counter()
+        self._total = 0
         self._deadlines: dict[socket.socket, tuple[float, str]] = {}
         self._next_scan = 0.0
         self._refused = 0
 
     def admit(self, address: str) -> bool:
         with self._lock:
-            total = sum(self._per_address.values())
-            if total >= self.limits.max_connections or self._per_address[address] >= self.limits.max_per_address:
+            if self._total >= self.limits.max_connections or self._per_address[address] >= self.limits.max_per_address:
                 self._refused += 1
                 return False
             self._per_address[address] += 1
+            self._total += 1
             return True
 
     def release(self, conn: socket.socket, address: str) -> None:
         with self._lock:
             self._deadlines.pop(conn, None)
             self._per_address[address] -= 1
+            self._total -= 1
             if self._per_address[address] <= 0:
                 del self._per_address[address]
 
@@ -340,11 +344,9 @@ class BaseHandler(BaseHTTPRequestHandler):
             raise HttpError(411, "Content-Length header required")
         if length > self.max_body:
             self.close_connection = True
-            if length <= self.max_body + DRAIN_LIMIT:
-                # Read it away (not kept): a client still sending when the connection
-                # closes gets a reset instead of the 413 that explains why.
-                self._discard(length)
-            self._body = b""
+            # Read away (not kept): a client still sending when the connection
+            # closes gets a reset instead of the 413 that explains why.
+            self._drain_unread_body()
             raise HttpError(413, f"request body of {length} bytes exceeds the limit of {self.max_body}")
         self._body = self.rfile.read(length)
         if len(self._body) != length:
@@ -423,10 +425,6 @@ def _stored_int(text: str) -> int:
     if value not in JSON_INT_RANGE:
         raise ValueError(f"integer {text[:20]}... does not fit in 64 bits")
     return value
-
-
-# OpenSSL's X509_V_FLAG_NO_CHECK_TIME (the ssl module has no name for it).
-VERIFY_NO_CHECK_TIME = 0x200000
 
 
 def server_context(cert_file, key_file, verify_mode, ca_files=(), client_validity_checked=True) -> ssl.SSLContext:
