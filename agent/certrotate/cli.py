@@ -53,7 +53,7 @@ class Edges:
 def open_context(edges: Edges, lock_wait: float = 0.0):
     """Load the configuration, take the lock (trying for ``lock_wait`` seconds), load
     the journal: ready to rotate. The run's deadline starts once the lock is held."""
-    from . import fsutil
+    from . import fsutil, keystore
     from .deadline import Deadline
     from .events import EventQueue, current_target
     from .journal import Journal
@@ -65,27 +65,30 @@ def open_context(edges: Edges, lock_wait: float = 0.0):
     sota = load_sota(root)
     journal = Journal(root(agent.state_dir))
     journal.lock(lock_wait)
-    directories = {journal.dir, root(agent.config_dir), root(os.path.dirname(sota.key_file)),
-                   root(os.path.dirname(sota.cert_file))}
+    keys = keystore.open_store(root, sota, agent, journal)
+    directories = {journal.dir, root(agent.config_dir), *keys.work_dirs()}
     directories |= {root(os.path.dirname(origin)) for origin in sota.origins.values()}
     for directory in directories:
         for leftover in fsutil.remove_stale_temps(directory):
             log.info("removed %s, left by an interrupted write", leftover)
     state = journal.load()
+    if state.current is not None:
+        keystore.for_rotation(keys, state.current)
     target = current_target(root(sota.storage_path) / "current-target")
     return Context(
         root=root, sota=sota, agent=agent, journal=journal, state=state,
         events=EventQueue(journal.dir, clock=edges.clock, target=target),
-        systemd=edges.systemd or Systemd(), clock=edges.clock, sleep=edges.sleep,
+        systemd=edges.systemd or Systemd(), keys=keys, clock=edges.clock, sleep=edges.sleep,
         deadline=Deadline(agent.run_deadline, edges.monotonic),
     )
 
 
 def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason: str,
-           *, run_here: bool = True, lock_wait: float = 0.0) -> int:
+           *, run_here: bool = True, lock_wait: float = 0.0, request: dict | None = None) -> int:
     """Resume the rotation in progress, or begin one; deliver the queued events.
 
     With ``run_here`` false the request is only journaled, for another run to carry out.
+    ``request`` is what a new rotation is told of where its identity goes (rotation.begin).
     """
     from . import rotation
 
@@ -94,7 +97,7 @@ def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason
     try:
         # On a wrong clock a request is still journaled (fioconfig calls its handler
         # once per change: it must not be lost), but nothing runs.
-        cert_file = edges.root(ctx.sota.cert_file)
+        cert_file = ctx.keys.live_cert_file()
         state_dir = edges.root(ctx.agent.state_dir)
         # Not cached here: a rotation writes nothing before its journal entry.
         validity = policy.cached_validity(state_dir, cert_file) or policy.parse_validity(cert_file)
@@ -122,7 +125,7 @@ def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason
                     "no EST server configured",
                     hint="set [est] server in /etc/certrotate/certrotate.toml or pass --est-server URL",
                 )
-            rotation.begin(ctx, rotation_id or f"certs-{int(edges.clock())}", server, reason)
+            rotation.begin(ctx, rotation_id or f"certs-{int(edges.clock())}", server, reason, request)
         if wrong_clock:
             raise wrong_clock
         if run_here:
@@ -148,7 +151,7 @@ def cmd_check(args, edges: Edges) -> int:
             # Events a gateway keeps refusing must not stop renewals: the policy still applies.
             deliver_only(edges)
         sota = load_sota(root)
-        cert_file = root(sota.cert_file)
+        cert_file = _live_cert_file(root, sota, agent)
         validity = policy.cached_validity(state_dir, cert_file) or policy.read_validity(state_dir, cert_file)
         wrong_clock = policy.wrong_clock(validity, edges.clock())
         if wrong_clock:
@@ -156,8 +159,18 @@ def cmd_check(args, edges: Edges) -> int:
         why = policy.due(validity, edges.clock(), agent.lifetime_fraction, agent.max_age_days)
         if why is None:
             return EXIT_DONE
-        log.info("certificate %s is due for renewal: %s", sota.cert_file, why)
+        log.info("certificate %s is due for renewal: %s", sota.cert_file or "in the token", why)
     return rotate(edges, None, None, "renewal policy")
+
+
+def _live_cert_file(root: Root, sota, agent):
+    """The live certificate as a file, without the lock or the journal (the fast path)."""
+    if sota.p11 is None:
+        return root(sota.cert_file)
+    from .journal import Journal
+    from .tokenkeys import TokenKeyStore
+
+    return TokenKeyStore(root, sota, agent, Journal(root(agent.state_dir))).live_cert_file()
 
 
 def _rotation_in_progress(state_dir) -> bool:
@@ -217,6 +230,12 @@ def cmd_handler(args, edges: Edges) -> int:
         )
     rotation_id = settings["ROTATIONID"]
     est_server = check_est_url(settings["ESTSERVER"], f"ESTSERVER in {config_file}")
+    request = {}
+    for setting, name in (("PKEYIDS", "key_ids"), ("CERTIDS", "cert_ids")):
+        if settings.get(setting):
+            from .tokenkeys import check_ids
+
+            request[name] = check_ids(settings[setting].split(","), setting, config_file)
     # fioconfig runs a handler once per config change: a request turned away because
     # the timer's run holds the lock would be lost, so wait for that run a while.
     if os.environ.get("INVOCATION_ID"):
@@ -224,11 +243,12 @@ def cmd_handler(args, edges: Edges) -> int:
         # the rotation restarts: the restart would kill the rotation half way. Journal
         # the request and let certrotate.service carry it out in its own unit.
         code = rotate(edges, rotation_id, est_server, "fio-rotate-certs", run_here=False,
-                      lock_wait=HANDLER_LOCK_WAIT)
+                      lock_wait=HANDLER_LOCK_WAIT, request=request)
         state_dir = edges.root(load_agent(edges.root).state_dir)
         if code != EXIT_DONE or not _rotation_in_progress(state_dir) or hand_over(edges):
             return code
-    return rotate(edges, rotation_id, est_server, "fio-rotate-certs", lock_wait=HANDLER_LOCK_WAIT)
+    return rotate(edges, rotation_id, est_server, "fio-rotate-certs", lock_wait=HANDLER_LOCK_WAIT,
+                  request=request)
 
 
 def hand_over(edges: Edges) -> bool:

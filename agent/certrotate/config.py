@@ -21,6 +21,10 @@ SOTA_TOML = "/var/sota/sota.toml"
 CERTROTATE_TOML = "/etc/certrotate/certrotate.toml"
 TLS_KEY = "tls_pkey_path"
 TLS_CERT = "tls_clientcert_path"
+P11_KEY_ID = "tls_pkey_id"
+P11_CERT_ID = "tls_clientcert_id"
+P11_DEFAULT_LABEL = "aktualizr"  # lmp-device-register's and aktualizr's default token label
+P11_ID = re.compile(r"0[1-9]")
 # Seconds one run may work under the lock, by default and at most: certrotate.service's
 # TimeoutStartSec sits above it (tests/layer checks), so it can be shortened, not lengthened.
 RUN_DEADLINE_MAX = 1200.0
@@ -48,21 +52,46 @@ class Root:
 
 # Plain classes, not dataclasses: importing dataclasses pulls in inspect,
 # which alone costs ``check`` a good share of its start-up time.
+class P11Config:
+    """sota.toml's [p11]: the token holding the device's key and certificate.
+
+    ``key_id`` and ``cert_id`` are the CKA_ID bytes. aktualizr puts the id
+    string after a '%' in a PKCS#11 URI (hex) while fioconfig takes each digit
+    as a byte and drops leading zero bytes (sotatoml.IdToBytes): the two agree
+    only for "01" to "09", so nothing else is accepted.
+    """
+
+    def __init__(self, module: str, pin: str, label: str, key_id: bytes, cert_id: bytes):
+        # bytes([n]).hex() gives back the digits sota.toml holds: "0n".
+        self.module = module
+        self.pin = pin
+        self.label = label
+        self.key_id = key_id
+        self.cert_id = cert_id
+
+    def __repr__(self) -> str:  # never the PIN
+        return (f"P11Config(module={self.module!r}, label={self.label!r}, "
+                f"key_id={self.key_id.hex()}, cert_id={self.cert_id.hex()})")
+
+
 class SotaConfig:
     """The merged sota.toml settings the agent needs, with their origins.
 
     Paths are absolute device paths; ``origins`` maps a dotted key
     ("import.tls_pkey_path") to the device file that set its effective value.
+    ``p11`` is set when the key and certificate live in a PKCS#11 token
+    (``tls.pkey_source = "pkcs11"``); ``key_file`` and ``cert_file`` are then empty.
     """
 
     def __init__(self, gateway_url: str, ca_file: str, key_file: str, cert_file: str,
-                 storage_path: str, origins: dict[str, str]):
+                 storage_path: str, origins: dict[str, str], p11: P11Config | None = None):
         self.gateway_url = gateway_url
         self.ca_file = ca_file
         self.key_file = key_file
         self.cert_file = cert_file
         self.storage_path = storage_path
         self.origins = origins
+        self.p11 = p11
 
 
 class AgentConfig:
@@ -171,13 +200,36 @@ def load_sota(root: Root) -> SotaConfig:
         path = get(key)
         return str(PurePosixPath(base_path) / path) if not path.startswith("/") else path
 
+    key_source = get("tls.pkey_source", "file")
+    sources = {key_source, get("tls.cert_source", key_source)}
+    if sources - {"file", "pkcs11"} or len(sources) != 1:
+        raise ConfigError(
+            f"sota.toml: tls.pkey_source and tls.cert_source are {', '.join(sorted(sources))}",
+            hint='certrotate rotates a key and certificate kept together: set both to "file" or '
+            'both to "pkcs11"',
+        )
+    p11 = None
+    if sources == {"pkcs11"}:
+        def p11_id(key: str) -> bytes:
+            value = get(f"p11.{key}")
+            if not P11_ID.fullmatch(value):
+                raise ConfigError(
+                    f"p11.{key} in {origins.get(f'p11.{key}')} is {value!r}, not one of \"01\" to \"09\"",
+                    hint=f'write it as lmp-device-register does, e.g. {key} = "01": aktualizr and '
+                    "fioconfig read other ids as different objects",
+                )
+            return bytes.fromhex(value)
+
+        p11 = P11Config(get("p11.module"), get("p11.pass"), get("p11.label", P11_DEFAULT_LABEL),
+                        p11_id(P11_KEY_ID), p11_id(P11_CERT_ID))
     return SotaConfig(
         gateway_url=get("tls.server").rstrip("/"),
         ca_file=import_path("import.tls_cacert_path"),
-        key_file=import_path(f"import.{TLS_KEY}"),
-        cert_file=import_path(f"import.{TLS_CERT}"),
+        key_file="" if p11 else import_path(f"import.{TLS_KEY}"),
+        cert_file="" if p11 else import_path(f"import.{TLS_CERT}"),
         storage_path=get("storage.path", "/var/sota/"),
         origins=origins,
+        p11=p11,
     )
 
 
@@ -283,19 +335,30 @@ def _rewrite_key(text: str, table: str, key: str, value: str) -> str | None:
 
 
 def point_tls_at(root: Root, sota: SotaConfig, key_file: str, cert_file: str, *, point: str) -> None:
-    """Make import.tls_pkey_path / tls_clientcert_path name these files.
+    """Make import.tls_pkey_path / tls_clientcert_path name these files."""
+    _set_strings(root, sota, "import", {TLS_KEY: key_file, TLS_CERT: cert_file}, point=point)
+    sota.key_file, sota.cert_file = key_file, cert_file
+
+
+def point_p11_at(root: Root, sota: SotaConfig, key_id: bytes, cert_id: bytes, *, point: str) -> None:
+    """Make p11.tls_pkey_id / tls_clientcert_id name these token objects."""
+    _set_strings(root, sota, "p11", {P11_KEY_ID: key_id.hex(), P11_CERT_ID: cert_id.hex()}, point=point)
+    sota.p11.key_id, sota.p11.cert_id = key_id, cert_id
+
+
+def _set_strings(root: Root, sota: SotaConfig, table: str, wanted: dict[str, str], *, point: str) -> None:
+    """Set ``table.key`` to each string of ``wanted``.
 
     Each line is edited in place in the file that defines the effective value
     (atomic rewrite, every other byte kept); a file already right is left alone.
     """
-    wanted = {TLS_KEY: key_file, TLS_CERT: cert_file}
     by_file: dict[str, dict[str, str]] = {}
     for key, value in wanted.items():
-        origin = sota.origins.get(f"import.{key}")
+        origin = sota.origins.get(f"{table}.{key}")
         if origin is None:
             raise ConfigError(
-                f"no sota.toml file sets import.{key}",
-                hint=f"set import.{key} in {SOTA_TOML}",
+                f"no sota.toml file sets {table}.{key}",
+                hint=f"set {table}.{key} in {SOTA_TOML}",
             )
         by_file.setdefault(origin, {})[key] = value
     for number, (device_file, changes) in enumerate(sorted(by_file.items())):
@@ -303,14 +366,13 @@ def point_tls_at(root: Root, sota: SotaConfig, key_file: str, cert_file: str, *,
         original = path.read_bytes()
         text = original.decode("utf-8")
         for key, value in changes.items():
-            rewritten = _rewrite_key(text, "import", key, value)
+            rewritten = _rewrite_key(text, table, key, value)
             if rewritten is None:
                 raise ConfigError(
-                    f"{device_file} sets import.{key} in a form certrotate cannot edit",
-                    hint=f'write it as a plain line: {key} = "/var/sota/..." under [import]',
+                    f"{device_file} sets {table}.{key} in a form certrotate cannot edit",
+                    hint=f'write it as a plain line: {key} = "..." under [{table}]',
                 )
             text = rewritten
         if text.encode("utf-8") != original:
             mode = path.stat().st_mode & 0o7777
             fsutil.atomic_write(path, text.encode("utf-8"), mode, point=f"{point}-{number}")
-    sota.key_file, sota.cert_file = key_file, cert_file

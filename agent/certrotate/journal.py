@@ -10,6 +10,10 @@ No key material ever goes in here: the new private key is its own 0600 file
 
 Older schemas are upgraded on load (``_UPGRADES``), so an agent updated by OTA
 in the middle of a rotation resumes the rotation an earlier version began.
+The other way round, a journal is written in the oldest schema that holds
+it: a file rotation stays schema 1 (what agents before token support read),
+and only a rotation of a token-held identity is schema 2, which such an
+agent refuses instead of taking it for a file rotation.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from pathlib import Path
 
 from . import fsutil
 
-SCHEMA = 1
+SCHEMA = 2
+# Schema 2 adds the token fields of Rotation; a file rotation leaves them out (schema 1).
+TOKEN_FIELDS = ("key_store", "old_key_id", "old_cert_id", "new_key_id", "new_cert_id", "new_public_key")
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 KEEP_COMPLETED = 20
@@ -58,6 +64,14 @@ class Rotation:
     restarted: bool = False
     last_error: dict | None = None  # {"step", "message", "hint"}
     superseded: list[str] = field(default_factory=list)  # ids requested while this ran
+    # A token-held identity (keystore.PKCS11): the CKA_IDs as sota.toml writes them, and
+    # the public key generated at new_key_id (PEM), so a resumed run knows it for its own.
+    key_store: str = "file"
+    old_key_id: str = ""
+    old_cert_id: str = ""
+    new_key_id: str = ""
+    new_cert_id: str = ""
+    new_public_key: str = ""
 
     @classmethod
     def from_json(cls, data: dict) -> "Rotation":
@@ -77,8 +91,9 @@ class State:
         return self.completed[-1] if self.completed else None
 
 
-# schema N -> N+1 functions, applied in turn; empty while only schema 1 exists.
-_UPGRADES: dict[int, object] = {}
+# schema N -> N+1 functions, applied in turn. 1 -> 2: a schema-1 rotation is a file rotation,
+# which the new fields' defaults already say.
+_UPGRADES: dict[int, object] = {1: lambda data: data}
 
 
 class Journal:
@@ -147,11 +162,13 @@ class Journal:
         )
 
     def save(self, state: State, *, point: str) -> None:
-        data = {
-            "schema": SCHEMA,
-            "current": asdict(state.current) if state.current else None,
-            "completed": state.completed[-KEEP_COMPLETED:],
-        }
+        current = asdict(state.current) if state.current else None
+        schema = SCHEMA
+        if current is None or current["key_store"] == "file":
+            schema = 1
+            for name in TOKEN_FIELDS:
+                (current or {}).pop(name, None)
+        data = {"schema": schema, "current": current, "completed": state.completed[-KEEP_COMPLETED:]}
         text = json.dumps(data, indent=2, sort_keys=True) + "\n"
         fsutil.atomic_write(self.path, text.encode(), 0o600, point=point)
 

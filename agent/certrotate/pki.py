@@ -123,6 +123,7 @@ def der_oid(dotted: str) -> bytes:
 
 @dataclass(frozen=True)
 class TbsParts:
+    serial: bytes  # DER INTEGER
     issuer: bytes  # DER Name
     subject: bytes  # DER Name
     not_before: datetime.datetime
@@ -141,14 +142,15 @@ def tbs_parts(cert: x509.Certificate) -> TbsParts:
         fields = fields[1:]
     if len(fields) < 6:
         raise ValueError("TBSCertificate has too few fields")
-    _serial, _algorithm, issuer, validity, subject, spki, *rest = fields
+    serial, _algorithm, issuer, validity, subject, spki, *rest = fields
     extensions: dict[bytes, bytes] = {}
     for optional in rest:
         if optional.tag == 0xA3:
             for extension in der_parse(optional.content).items():
                 extensions[extension.items()[0].encoded] = extension.encoded
     not_before, not_after = (_der_time(t) for t in validity.items())
-    return TbsParts(issuer.encoded, subject.encoded, not_before, not_after, spki.encoded, extensions)
+    return TbsParts(serial.encoded, issuer.encoded, subject.encoded, not_before, not_after, spki.encoded,
+                    extensions)
 
 
 def validity(cert: x509.Certificate) -> tuple[datetime.datetime, datetime.datetime]:

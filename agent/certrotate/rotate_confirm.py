@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from . import config, fsutil, localconfig
+from . import fsutil, localconfig
 from .http import RunDeadlinePassed, TransportError
 from .rotate_local_config import CONFIG_FILE
 from .step import Context, Step, StepError
@@ -47,9 +47,7 @@ class ConfirmStep(Step):
 
     def revert(self, ctx: Context) -> None:
         rotation = ctx.rotation
-        config.point_tls_at(
-            ctx.root, ctx.sota, rotation.old_key_file, rotation.old_cert_file, point="confirm:revert-sota"
-        )
+        ctx.keys.point_at(rotation, "old")
         device_path = f"{ctx.agent.config_dir.rstrip('/')}/{CONFIG_FILE}"
         target = ctx.root(device_path)
         if target.exists():

@@ -1,8 +1,9 @@
 """Step 1: a new key and a certificate for it, by EST simple re-enrollment.
 
-The key is generated once and kept in its own 0600 file in the state dir; the
-issued certificate is checked (pki.check_issued) before it is written next to
-it, so a resumed rotation reuses both and never asks the EST server twice for
+The key is generated once by the key store (a 0600 file in the state dir, or a
+pair in the token whose public key the journal records); the issued
+certificate is checked (pki.check_issued) before it is written to the state
+dir, so a resumed rotation reuses both and never asks the EST server twice for
 the same rotation once it has a good answer.
 """
 
@@ -24,16 +25,9 @@ class EstStep(Step):
 
     def run(self, ctx: Context) -> None:
         rotation = ctx.rotation
-        # Before any new identity is asked for: the old key must be the device's only
-        # copy (a second hard link would keep it after retire).
-        fsutil.refuse_linked(ctx.root(rotation.old_key_file))
-        key_path = ctx.journal.new_key_path(rotation.rotation_id)
+        ctx.keys.check_old(rotation)  # before any new identity is asked for
+        key = ctx.keys.make_new_key(rotation, lambda: ctx.save(point="est:new-key-journaled"))
         cert_path = ctx.journal.new_cert_path(rotation.rotation_id)
-        if key_path.exists():
-            key = certs.load_key(key_path)
-        else:
-            key = pki.new_key()
-            fsutil.atomic_write(key_path, certs.key_pem(key), 0o600, point="est:new-key")
         if cert_path.exists():
             issued_chain = certs.load_certs(cert_path)
             if pki.spki_der(issued_chain[0].public_key()) == pki.spki_der(key.public_key()):

@@ -1,13 +1,15 @@
 """Step 5: put the new key and certificate in place and point sota.toml at them.
 
-Writes /var/sota/pkey-<id>.pem (0600) and client-<id>.pem, edits the two
-import.tls_* lines of sota.toml, and installs the config re-encrypted in
-step 3. The old files stay until the gateway has confirmed the new ones.
+The key store installs them (files: /var/sota/pkey-<id>.pem (0600) and
+client-<id>.pem; a token: the certificate imported at the new id) and edits
+sota.toml's two lines (import.tls_* or p11.tls_*_id); then the config
+re-encrypted in step 3 is installed. The old identity stays until the
+gateway has confirmed the new one.
 """
 
 from __future__ import annotations
 
-from . import config, fsutil
+from . import fsutil
 from .rotate_local_config import CONFIG_FILE
 from .step import Context, Step
 
@@ -18,18 +20,8 @@ class FinalizeStep(Step):
 
     def run(self, ctx: Context) -> None:
         rotation = ctx.rotation
-        copies = [
-            (ctx.journal.new_key_path(rotation.rotation_id), rotation.new_key_file, 0o600, "key"),
-            (ctx.journal.new_cert_path(rotation.rotation_id), rotation.new_cert_file, 0o644, "cert"),
-        ]
-        for source, device_path, mode, what in copies:
-            data = fsutil.read_secret(source)  # the agent's own files: a second link is foreign
-            target = ctx.root(device_path)
-            if not target.exists() or target.read_bytes() != data:
-                fsutil.atomic_write(target, data, mode, point=f"finalize:{what}")
-        config.point_tls_at(
-            ctx.root, ctx.sota, rotation.new_key_file, rotation.new_cert_file, point="finalize:sota"
-        )
+        ctx.keys.install(rotation)
+        ctx.keys.point_at(rotation, "new")
         staged = ctx.journal.staged_config_path(rotation.rotation_id)
         if staged.exists():
             target = ctx.root(f"{ctx.agent.config_dir.rstrip('/')}/{CONFIG_FILE}")

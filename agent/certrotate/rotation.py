@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import re
-from pathlib import PurePosixPath
 
 from . import events as events_mod
 from .config import RUN_DEADLINE_MAX, ConfigError
@@ -93,18 +92,15 @@ def check_rotation_id(rotation_id: str) -> str:
     return rotation_id
 
 
-def begin(ctx: Context, rotation_id: str, est_server: str, reason: str = "") -> Rotation:
-    """Record a new rotation in the journal; the first durable act of a rotation."""
-    directory = PurePosixPath(ctx.sota.key_file).parent
-    ctx.state.current = Rotation(
-        rotation_id=check_rotation_id(rotation_id),
-        est_server=est_server,
-        reason=reason,
-        old_key_file=ctx.sota.key_file,
-        old_cert_file=ctx.sota.cert_file,
-        new_key_file=str(directory / f"pkey-{rotation_id}.pem"),
-        new_cert_file=str(directory / f"client-{rotation_id}.pem"),
-    )
+def begin(ctx: Context, rotation_id: str, est_server: str, reason: str = "",
+          request: dict | None = None) -> Rotation:
+    """Record a new rotation in the journal; the first durable act of a rotation.
+
+    ``request`` holds what the request said of where the new identity goes (the
+    handler's PKEYIDS and CERTIDS, as ``key_ids`` and ``cert_ids``)."""
+    rotation = Rotation(rotation_id=check_rotation_id(rotation_id), est_server=est_server, reason=reason)
+    ctx.keys.plan(rotation, request or {})
+    ctx.state.current = rotation
     ctx.save(point="journal:start")
     log.info("rotation %s: started (EST server %s)", rotation_id, est_server)
     return ctx.state.current
@@ -217,7 +213,8 @@ def _complete(ctx: Context) -> None:
         })
     ctx.state.current = None
     ctx.save(point="journal:completed")
-    log.info("rotation %s: completed; the device now uses %s", rotation.rotation_id, rotation.new_cert_file)
+    log.info("rotation %s: completed; the device now uses %s", rotation.rotation_id,
+             ctx.keys.describe()["file"])
 
 
 def event_identity(ctx: Context):
@@ -230,7 +227,7 @@ def event_identity(ctx: Context):
     current = ctx.state.current
     if current is not None and current.step <= CONFIRM_INDEX:
         return ctx.old_identity()
-    return ctx.root(ctx.sota.cert_file), ctx.root(ctx.sota.key_file)
+    return ctx.keys.live_identity()
 
 
 def deliver_events(ctx: Context) -> bool:

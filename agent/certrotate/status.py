@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 
-from . import certs, pki, policy
+from . import certs, keystore, pki, policy
 from .config import Root, load_agent, load_sota
 from .events import EventQueue
 from .journal import Journal
@@ -14,7 +14,9 @@ from .journal import Journal
 def collect(root: Root, now: float) -> dict:
     sota = load_sota(root)
     agent = load_agent(root)
-    cert = certs.load_certs(root(sota.cert_file), sota.cert_file)[0]
+    keys = keystore.open_store(root, sota, agent, Journal(root(agent.state_dir)))
+    where = keys.describe()
+    cert = certs.load_certs(keys.live_cert_file(), where["file"])[0]
     not_before, not_after = pki.validity(cert)
     moment = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
     wrong_clock = policy.wrong_clock(policy.Validity(not_before.timestamp(), not_after.timestamp()), now)
@@ -23,8 +25,7 @@ def collect(root: Root, now: float) -> dict:
     current = state.current
     return {
         "certificate": {
-            "file": sota.cert_file,
-            "key_file": sota.key_file,
+            **where,
             "subject": cert.subject.rfc4514_string(),
             "serial": format(cert.serial_number, "x"),
             "not_before": not_before.isoformat(),

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import certs, http, pki
+from . import http, pki
 from .config import AgentConfig, Root, SotaConfig
 from .deadline import Deadline
 from .events import EventQueue
 from .journal import Journal, Rotation, State
+from .keystore import KeyStore
 from .systemd import Systemd
 
 
@@ -54,6 +55,7 @@ class Context:
     state: State
     events: EventQueue
     systemd: Systemd
+    keys: KeyStore
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     deadline: Deadline = field(default_factory=lambda: Deadline(None))  # the run's
@@ -67,17 +69,16 @@ class Context:
     def save(self, *, point: str) -> None:
         self.journal.save(self.state, point=point)
 
-    # Identities: (certificate file, key file) as host paths.
+    # Identities: (certificate file, key file) as host paths, from the key store.
     def old_identity(self) -> tuple[Path, Path]:
-        return self.root(self.rotation.old_cert_file), self.root(self.rotation.old_key_file)
+        return self.keys.identity(self.rotation, "old")
 
     def new_identity(self) -> tuple[Path, Path]:
-        return self.root(self.rotation.new_cert_file), self.root(self.rotation.new_key_file)
+        return self.keys.identity(self.rotation, "new")
 
     def staged_identity(self) -> tuple[Path, Path]:
         """The new certificate and key where step 1 left them, before finalize installs them."""
-        rotation_id = self.rotation.rotation_id
-        return self.journal.new_cert_path(rotation_id), self.journal.new_key_path(rotation_id)
+        return self.keys.identity(self.rotation, "staged")
 
     def old_expired(self) -> bool:
         return pki.validity(self.old_certs()[0])[1].timestamp() <= self.clock()
@@ -89,13 +90,13 @@ class Context:
         return self.staged_identity() if self.old_expired() else self.old_identity()
 
     def old_key(self):
-        return certs.load_key(self.root(self.rotation.old_key_file), self.rotation.old_key_file)
+        return self.keys.old_key(self.rotation)
 
     def old_certs(self):
-        return certs.load_certs(self.root(self.rotation.old_cert_file), self.rotation.old_cert_file)
+        return self.keys.old_certs(self.rotation)
 
     def new_key(self):
-        return certs.load_key(self.journal.new_key_path(self.rotation.rotation_id))
+        return self.keys.new_key(self.rotation)
 
     def ca_file(self) -> Path:
         return self.root(self.sota.ca_file)

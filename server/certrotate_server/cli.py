@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from certrotate import ecies
@@ -19,7 +21,7 @@ from certrotate import ecies
 from . import devices, pki
 from .devices import DeviceError
 from .factory import DEFAULT_FACTORY, DEFAULT_HOSTNAMES, Factory, FactoryError, init_factory, write_device_tree
-from .httpbase import ConnectionLimits, listen_address
+from .httpbase import ConnectionLimits, HttpError, listen_address
 from .store import Store
 
 EXIT_USAGE = 2
@@ -110,10 +112,13 @@ def cmd_register(args) -> int:
     if devices.get_device(store, args.name) is not None:
         raise CliError(f"device {args.name!r} is already registered")
     existing_key = Path(args.out) / "var/sota/pkey.pem"
-    if existing_key.exists():
-        raise CliError(f"{existing_key} exists: {args.out} already holds a device; choose another --out")
-    key = pki.new_key()
-    cert = factory.issue_initial_device_cert(args.name, key.public_key(), args.san or [])
+    if existing_key.exists() or (Path(args.out) / "var/sota/sota.toml").exists():
+        raise CliError(f"{args.out} already holds a device; choose another --out")
+    # With --csr the key lives where the device made it (a PKCS#11 token, as
+    # lmp-device-register does it): only its certificate is issued and written.
+    key = None if args.csr else pki.new_key()
+    public_key = _csr_public_key(args.csr) if args.csr else key.public_key()
+    cert = factory.issue_initial_device_cert(args.name, public_key, args.san or [])
     # The device's key exists only in its tree: written before the device is recorded,
     # so a recorded device always has its key somewhere.
     if args.est_label and args.est_label not in factory.est.labels:
@@ -129,6 +134,18 @@ def cmd_register(args) -> int:
                        f"the tree written in {args.out} is not registered: delete it") from None
     print(f"device {args.name!r} registered; device tree in {args.out}")
     return 0
+
+
+def _csr_public_key(path: Path):
+    from .est import parse_csr
+
+    try:
+        return parse_csr(base64.b64encode(x509.load_pem_x509_csr(path.read_bytes()).public_bytes(
+            serialization.Encoding.DER))).public_key()
+    except (OSError, ValueError) as err:
+        raise CliError(f"--csr {path}: not a readable PEM certificate request ({err})", EXIT_USAGE) from None
+    except HttpError as err:
+        raise CliError(f"--csr {path}: {err.message}", EXIT_USAGE) from None
 
 
 def cmd_list(args) -> int:
@@ -357,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--est-label", default="", help="RFC 7030 CA label the device uses (certrotate.toml est.label)")
     p.add_argument("--san", action="append", metavar="DNS_NAME",
                    help="add this DNS name as subjectAltName (repeatable; FoundriesFactory's certificates have none)")
+    p.add_argument("--csr", type=Path, metavar="FILE",
+                   help="PEM CSR of a key the device keeps (a PKCS#11 token): issue the certificate for "
+                   "its key; the tree gets no pkey.pem")
     p.set_defaults(func=cmd_register)
     p = dev.add_parser("list", parents=[common])
     p.set_defaults(func=cmd_list)

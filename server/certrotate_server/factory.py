@@ -292,7 +292,8 @@ def write_device_tree(
     etc = out / "etc" / "certrotate"
     make_dirs(sota, 0o700)  # aktualizr's own mode for its storage directory
     make_dirs(etc, 0o755)
-    pki.write_private(sota / "pkey.pem", pki.key_pem(key))
+    if key is not None:  # None: the device keeps its key itself (a token)
+        pki.write_private(sota / "pkey.pem", pki.key_pem(key))
     pki.write_public(sota / "client.pem", pki.cert_pem(cert))
     pki.write_public(sota / "root.crt", factory.path("root.crt").read_bytes())
     pki.write_public(
