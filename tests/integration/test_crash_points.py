@@ -35,44 +35,62 @@ def last_event(backend, name, rotation_id):
 @pytest.mark.timeout(1200)
 def test_every_crash_point_recovers(module_backend, tmp_path):
     backend = module_backend
-    bin_dir = tmp_path / "bin"
-    fake_systemctl(bin_dir)
 
-    device, old = configured_device(backend, tmp_path, "traced")
-    trace = tmp_path / "points.txt"
-    clean = run_agent(device, "rotate", "--rotation-id", "certs-1", bin_dir=bin_dir,
-                      env={"CERTROTATE_TRACE_POINTS": str(trace)})
-    assert clean.returncode == 0, clean.stderr
-    assert_rotated(backend, device, old, device_values=DEVICE_VALUES, local_values=LOCAL_VALUES)
-    points = trace.read_text().split()
-    assert len(points) == len(set(points)), f"crash point names repeat: {points}"
+    def device(name):
+        device, old = configured_device(backend, tmp_path, name)
+        return device, {}, lambda: assert_rotated(backend, device, old, device_values=DEVICE_VALUES,
+                                                  local_values=LOCAL_VALUES)
+
+    points = crash_at_every_point(backend, tmp_path, device)
     for expected in ("journal:start", "est:simplereenroll:send", "est:simplereenroll:reply",
                      "lock:patch-device:reply", "finalize:sota-0", "confirm:new:reply",
                      "retire:old-key", "event:completed", "journal:completed", "events:send"):
         assert expected in points
 
+
+def crash_at_every_point(backend, tmp_path, make_device) -> list[str]:
+    """Trace one clean rotation, then cut the power at each point it reached.
+
+    ``make_device(name)`` registers a fresh device and returns (device root,
+    environment for the agent, a check of its good end state)."""
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+    device, env, check_rotated = make_device("traced")
+    trace = tmp_path / "points.txt"
+    clean = run_agent(device, "rotate", "--rotation-id", "certs-1", bin_dir=bin_dir,
+                      env={**env, "CERTROTATE_TRACE_POINTS": str(trace)})
+    assert clean.returncode == 0, clean.stderr
+    check_rotated()
+    points = trace.read_text().split()
+    assert len(points) == len(set(points)), f"crash point names repeat: {points}"
+
     failures = []
+    journaled_from = points.index("journal:start")
     for number, point in enumerate(points):
         name = f"crash-{number}"
-        device, old = configured_device(backend, tmp_path, name)
+        device, env, check_rotated = make_device(name)
         rotation_id = f"certs-{1000 + number}"
         killed = run_agent(device, "rotate", "--rotation-id", rotation_id, bin_dir=bin_dir,
-                           env={"CERTROTATE_CRASH_AT": point})
+                           env={**env, "CERTROTATE_CRASH_AT": point})
         if killed.returncode != -signal.SIGKILL:
             failures.append(f"{point}: rotate was not killed there (exit {killed.returncode})")
             continue
+        # Killed before the request was journaled, nothing of it survives: it is sent
+        # again (as fioconfig's handler would be); afterwards `check` resumes the rotation.
+        resume = ["check"] if number >= journaled_from else ["rotate", "--rotation-id", rotation_id]
         for _ in range(CHECK_RUNS):
-            check = run_agent(device, "check", bin_dir=bin_dir)
+            check = run_agent(device, *resume, bin_dir=bin_dir, env=env)
             if check.returncode == 0:
                 break
         else:
             failures.append(f"{point}: check did not finish in {CHECK_RUNS} runs: {check.stderr}")
             continue
         try:
-            assert_rotated(backend, device, old, device_values=DEVICE_VALUES, local_values=LOCAL_VALUES)
+            check_rotated()
             assert last_event(backend, name, rotation_id) == ("CertRotationCompleted", "Succeed")
         except AssertionError as err:
             failures.append(f"{point}: {err}")
     print(f"\ncrash points: {' '.join(points)}")
     print(f"crash points covered: {len(points)} ({len(points) - len(failures)} recovered)")
     assert not failures, "\n".join(failures)
+    return points

@@ -15,6 +15,7 @@ import tomllib
 import pytest
 
 from agentdevice import decrypt_map, event_lines, fake_systemctl, run_agent
+from test_crash_points import crash_at_every_point
 from backend import ROTATION_EVENTS
 from certrotate import ecies
 from softhsm import USER_PIN, DerivingKey, SoftHsm, gateway_get, register_token_device
@@ -104,3 +105,22 @@ def test_token_rotation_alternates_ids_and_back(backend, tmp_path):
             assert USER_PIN.encode() not in path.read_bytes(), path
     status = json.loads(run_agent(device, "status", "--json", bin_dir=bin_dir, env=hsm.env).stdout)
     assert status["certificate"]["file"] == "pkcs11:token=aktualizr;id=03"
+
+
+@pytest.mark.timeout(1500)
+def test_every_crash_point_of_a_token_rotation_recovers(module_backend, tmp_path):
+    """The crash-point suite over the token path: every token write is a point."""
+    backend = module_backend
+
+    def device(name):
+        device, hsm = token_device(backend, tmp_path, name)
+        backend.cli("devices", "config", "set", name, *(f"{k}={v}" for k, v in DEVICE_VALUES.items()))
+        write_token_local_config(device, hsm, "01", LOCAL_VALUES)
+        before = hsm.snapshot(tmp_path / f"{name}-before")
+        return device, hsm.env, lambda: assert_token_rotated(backend, device, hsm, before, ("07", "09"),
+                                                             ("01", "03"))
+
+    points = crash_at_every_point(backend, tmp_path, device)
+    for expected in ("est:p11-new-key", "est:new-key-journaled", "finalize:p11-cert", "finalize:sota-0",
+                     "retire:p11-old-key-0", "retire:p11-old-public-key-0", "retire:p11-old-cert-0"):
+        assert expected in points
