@@ -107,11 +107,28 @@ class SoftHsm:
         return copy
 
 
-def register_token_device(backend, hsm: SoftHsm, name: str, out: Path, *, derive: bool = True) -> Path:
-    """Register ``name`` with its identity in ``hsm``, as lmp-device-register does."""
+def register_token_device(backend, hsm: SoftHsm, name: str, out: Path, *, derive: bool = True,
+                          key_copies: tuple[str, ...] = ()) -> Path:
+    """Register ``name`` with its identity in ``hsm``, as lmp-device-register does.
+
+    ``derive`` False makes a key that cannot do ECDH (as tpm2-pkcs11 before 1.9.1).
+    ``key_copies`` imports one software-made key at id 01 and at each of these ids
+    instead (a token provisioned twice)."""
     hsm.init_token()
     usage = ["--usage-sign"] + (["--usage-derive"] if derive else [])
-    hsm.tool("--keypairgen", "--key-type", "EC:prime256v1", "--id", "01", "--label", "tls", *usage)
+    if key_copies:
+        key = hsm.dir / "imported.der"
+        public = hsm.dir / "imported-public.der"
+        subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-outform", "DER", "-out", str(key)], check=True, capture_output=True, timeout=60)
+        subprocess.run(["openssl", "pkey", "-inform", "DER", "-in", str(key), "-pubout", "-outform", "DER",
+                        "-out", str(public)], check=True, capture_output=True, timeout=60)
+        for key_id in ("01", *key_copies):
+            hsm.tool("--write-object", str(key), "--type", "privkey", "--id", key_id, "--label", "tls", *usage)
+            hsm.tool("--write-object", str(public), "--type", "pubkey", "--id", key_id, "--label", "tls")
+        key.unlink()
+    else:
+        hsm.tool("--keypairgen", "--key-type", "EC:prime256v1", "--id", "01", "--label", "tls", *usage)
     csr = hsm.dir / f"{name}.csr"
     subprocess.run(
         ["openssl", "req", "-new", "-key", f"pkcs11:token={TOKEN_LABEL};id=%01;type=private",

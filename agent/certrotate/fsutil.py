@@ -40,6 +40,12 @@ def refuse_linked(path: Path, info: os.stat_result | None = None) -> os.stat_res
     return info
 
 
+def fingerprint(path: Path) -> dict:
+    """What tells a later run that ``path`` changed: its path, size and mtime."""
+    st = os.stat(path)
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -47,7 +47,7 @@ CKF_TOKEN_INITIALIZED = 0x400
 CKR_OK = 0
 CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
 CKR_USER_ALREADY_LOGGED_IN = 0x100
-CKR_BUFFER_TOO_SMALL = 0x150
+CKR_PIN_INCORRECT = 0xA0
 
 # The return values an operator can act on; the others are reported by name and number.
 _MEANINGS = {

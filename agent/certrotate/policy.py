@@ -8,7 +8,6 @@ reads two small files and imports neither cryptography nor requests.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import NamedTuple
 from pathlib import Path
@@ -63,16 +62,11 @@ def _utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def _fingerprint(path: Path) -> dict:
-    st = os.stat(path)
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def cached_validity(state_dir: Path, cert_file: Path) -> Validity | None:
     """The cached validity of ``cert_file``, or None when the cache does not match it."""
     try:
         cache = json.loads((Path(state_dir) / CACHE_FILE).read_bytes())
-        if cache.get("file") != _fingerprint(cert_file):
+        if cache.get("file") != fsutil.fingerprint(cert_file):
             return None
         return Validity(float(cache["not_before"]), float(cache["not_after"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -91,7 +85,7 @@ def read_validity(state_dir: Path, cert_file: Path) -> Validity:
     """Parse ``cert_file`` and refresh the cache."""
     validity = parse_validity(cert_file)
     fsutil.ensure_private_dir(Path(state_dir))
-    record = {"file": _fingerprint(cert_file), "not_before": validity.not_before,
+    record = {"file": fsutil.fingerprint(cert_file), "not_before": validity.not_before,
               "not_after": validity.not_after}
     fsutil.atomic_write(Path(state_dir) / CACHE_FILE, json.dumps(record).encode(), 0o600,
                         point="check:validity-cache")

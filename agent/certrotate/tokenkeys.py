@@ -25,7 +25,9 @@ neither holds a secret) that pkcs11-provider opens inside the token.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 from pathlib import Path
 
 from . import config, crashpoints, fsutil, pkcs11, tlsprovider
@@ -42,7 +44,9 @@ KEY_LABEL = b"tls"
 CERT_LABEL = b"client"
 _P256 = bytes.fromhex("06082a8648ce3d030107")  # the OID of prime256v1, as CKA_EC_PARAMS
 _IDENTITY_DIR = "p11"
+_PIN_REFUSED = "pin-refused.json"
 _NO_DERIVE = (0x68, 0x70, 0x71)  # KEY_FUNCTION_NOT_PERMITTED, MECHANISM_INVALID, MECHANISM_PARAM_INVALID
+_NOT_STORED = (0x05, 0x06, 0x30, 0x31)  # GENERAL_ERROR, FUNCTION_FAILED, DEVICE_ERROR, DEVICE_MEMORY
 
 
 def check_ids(ids: list[str], what: str, origin: str) -> tuple[str, ...]:
@@ -121,9 +125,33 @@ class TokenKeyStore(KeyStore):
         if self._session is None:
             self._session = pkcs11.Module.load(self.p11.module).open(self.p11.label)
         if login and not self._logged_in:
-            self._session.login(self.p11.pin)
-            self._logged_in = True
+            self._login()
         return self._session
+
+    def _login(self) -> None:
+        """Log in, but never twice with a PIN the token refused: tokens lock after a
+        few wrong PINs (a TPM's dictionary-attack lockout, a smart card's counter), and
+        the timer runs often. A refused PIN is remembered by the fingerprint of the
+        file that sets p11.pass (never the PIN itself) until that file changes."""
+        pin_file = self.root(self.sota.origins["p11.pass"])
+        marker = self._identity_dir() / _PIN_REFUSED
+        current = json.dumps(fsutil.fingerprint(pin_file), sort_keys=True).encode()
+        if marker.exists() and marker.read_bytes() == current:
+            raise TokenError(
+                f"the token refused the PIN that {self.sota.origins['p11.pass']} sets (p11.pass) "
+                "on an earlier run; certrotate does not try it again, lest the token lock",
+                hint=f"fix p11.pass in {self.sota.origins['p11.pass']}; certrotate tries again "
+                "once that file has changed",
+            )
+        try:
+            self._session.login(self.p11.pin)
+        except TokenError as err:
+            if err.code == pkcs11.CKR_PIN_INCORRECT:
+                fsutil.atomic_write(marker, current, 0o600, point="p11:pin-refused")
+            raise
+        if marker.exists():
+            fsutil.delete_public(marker)
+        self._logged_in = True
 
     def _find(self, session, object_class: int, object_id: bytes) -> list[int]:
         # Token objects only: pkcs11-provider may copy keys into session objects.
@@ -213,7 +241,8 @@ class TokenKeyStore(KeyStore):
         new_id = bytes.fromhex(rotation.new_key_id)
         session = self.session()
         self._clear(session, rotation, new_id, (CKO_PRIVATE_KEY, CKO_PUBLIC_KEY), "est:p11-stale-key")
-        session.generate_key_pair(*_key_templates(new_id, KEY_LABEL))
+        with _storing(f"the new key pair at id {rotation.new_key_id}"):
+            session.generate_key_pair(*_key_templates(new_id, KEY_LABEL))
         crashpoints.reach("est:p11-new-key")
         point = self._public_point(session, new_id)
         rotation.new_public_key = _point_pem(point)
@@ -293,12 +322,13 @@ class TokenKeyStore(KeyStore):
             return
         self._clear(session, rotation, cert_id, (CKO_CERTIFICATE,), "finalize:p11-stale-cert")
         parts = pki.tbs_parts(leaf)
-        session.create({
-            CKA_CLASS: CKO_CERTIFICATE, CKA_CERTIFICATE_TYPE: CKC_X_509, CKA_TOKEN: True,
-            CKA_PRIVATE: False, CKA_LABEL: CERT_LABEL, CKA_ID: cert_id,
-            CKA_SUBJECT: parts.subject, CKA_ISSUER: parts.issuer,
-            CKA_SERIAL_NUMBER: parts.serial, CKA_VALUE: der,
-        })
+        with _storing(f"the new certificate at id {rotation.new_cert_id}"):
+            session.create({
+                CKA_CLASS: CKO_CERTIFICATE, CKA_CERTIFICATE_TYPE: CKC_X_509, CKA_TOKEN: True,
+                CKA_PRIVATE: False, CKA_LABEL: CERT_LABEL, CKA_ID: cert_id,
+                CKA_SUBJECT: parts.subject, CKA_ISSUER: parts.issuer,
+                CKA_SERIAL_NUMBER: parts.serial, CKA_VALUE: der,
+            })
         crashpoints.reach("finalize:p11-cert")
 
     def point_at(self, rotation, which: str) -> None:
@@ -336,6 +366,25 @@ class TokenKeyStore(KeyStore):
     def describe(self) -> dict:
         return {"file": f"pkcs11:token={self.p11.label};id={self.p11.cert_id.hex()}",
                 "key_file": f"pkcs11:token={self.p11.label};id={self.p11.key_id.hex()}"}
+
+
+@contextlib.contextmanager
+def _storing(what: str):
+    """A failed write to the token, said as such: a full token answers CKR_DEVICE_MEMORY,
+    or (SoftHSM on a full filesystem) only CKR_FUNCTION_FAILED."""
+    try:
+        yield
+    except TokenError as err:
+        if err.code in _NOT_STORED:
+            raise TokenError(
+                f"the token could not store {what}: {err}",
+                hint="the token may be full: see what it holds (pkcs11-tool --list-objects) and "
+                "remove objects sota.toml does not name, or free the storage of a software token; "
+                "then run certrotate rotate again, the rotation resumes at this step and the "
+                "device keeps its current identity meanwhile",
+                code=err.code,
+            ) from err
+        raise
 
 
 def _key_templates(key_id: bytes, label: bytes) -> tuple[dict, dict]:

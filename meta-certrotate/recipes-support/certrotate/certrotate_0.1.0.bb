@@ -111,7 +111,9 @@ CONFFILES:${PN} = "${sysconfdir}/certrotate/certrotate.toml"
 # Exactly what agent/certrotate imports (tests/layer checks both lists
 # against the source); ptest.bbclass adds ${PN} to the ptest package.
 RDEPENDS:${PN} = "python3-core \
+                  python3-crypt \
                   python3-cryptography \
+                  python3-ctypes \
                   python3-datetime \
                   python3-email \
                   python3-fcntl \
