@@ -117,6 +117,11 @@ def markdown(results: dict) -> str:
                 "| what | wall | fastest run | CPU | peak RSS |", "| --- | --- | --- | --- | --- |",
                 f"| `certrotate rotate` (restart excluded) | {_ms(r['wall_s'])} | {_ms(r['wall_s_min'])} | "
                 f"{_ms(r['cpu_s'])} | {_kib(r['peak_rss_kib'])} |",
+                *([f"| `certrotate rotate`, identity in a SoftHSM2 token | {_ms(rotation['rotate_token']['wall_s'])} | "
+                   f"{_ms(rotation['rotate_token']['wall_s_min'])} | {_ms(rotation['rotate_token']['cpu_s'])} | "
+                   f"{_kib(rotation['rotate_token']['peak_rss_kib'])} |",
+                   f"| ratio token / file | {rotation['ratio_token_to_file']:.2f} | | | |"]
+                  if "rotate_token" in rotation else []),
                 f"| baseline: openssl + curl re-enrollment only | {_ms(b['wall_s'])} | {_ms(b['wall_s_min'])} | "
                 f"{_ms(b['cpu_s'])} | {_kib(b['peak_rss_kib'])} |",
                 f"| ratio rotate / baseline | {rotation['ratio_rotate_to_baseline']:.2f} | "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from measure import ChildRun, median, run_child, summarize_runs
+from softhsm import SoftHsm, register_token_device
 from steps import PointClock, breakdown
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -41,20 +42,21 @@ def agent_env(extra: dict | None = None) -> dict:
     return env
 
 
-def run_agent(device_root: Path, *command: str, clock: PointClock | None = None) -> ChildRun:
-    env = agent_env({"CERTROTATE_TRACE_POINTS": str(clock.path)} if clock else None)
+def run_agent(device_root: Path, *command: str, clock: PointClock | None = None,
+              env: dict | None = None) -> ChildRun:
+    env = agent_env({**(env or {}), **({"CERTROTATE_TRACE_POINTS": str(clock.path)} if clock else {})})
     return run_child([str(AGENT), "--root", str(device_root), *command], env=env)
 
 
 _rotations = itertools.count(1)
 
 
-def timed_rotation(device_root: Path, clock: PointClock) -> tuple[ChildRun, dict[str, float]]:
+def timed_rotation(device_root: Path, clock: PointClock, env: dict | None = None) -> tuple[ChildRun, dict[str, float]]:
     """One `certrotate rotate`, with an id of its own (the default id,
     certs-<unix seconds>, would repeat within a second and do nothing)."""
     clock.take()  # drop anything left from an earlier run
     rotation_id = f"certs-bench-{os.getpid()}-{next(_rotations)}"
-    run = run_agent(device_root, "rotate", "--rotation-id", rotation_id, clock=clock).check()
+    run = run_agent(device_root, "rotate", "--rotation-id", rotation_id, clock=clock, env=env).check()
     phases = breakdown(run.started, clock.take(), run.started + run.wall_s)
     return run, phases
 
@@ -88,14 +90,29 @@ def bench_rotation(backend, work: Path, repeats: int, clock: PointClock) -> dict
     device = backend.register("bench-rotate", work / "bench-rotate")
     clear_restart_units(device)
     base_device = backend.register("bench-baseline", work / "bench-baseline")
+    # The same rotation of an identity held in a SoftHSM2 token (ids alternate 01/03 <-> 07/09).
+    hsm = SoftHsm(work / "bench-token-hsm")
+    token_device = register_token_device(backend, hsm, "bench-token", work / "bench-token")
+    clear_restart_units(token_device)
     baselines: list[ChildRun] = []
-    rotate, steps = repeated_rotations(
-        device, repeats, clock,
-        after_each=lambda i: baselines.append(baseline_once(base_device, backend.est_url, work / f"baseline-{i}")))
+    token_runs: list[ChildRun] = []
+    token_phases: list[dict[str, float]] = []
+
+    def after_each(i: int) -> None:
+        baselines.append(baseline_once(base_device, backend.est_url, work / f"baseline-{i}"))
+        run, phases = timed_rotation(token_device, clock, env=hsm.env)
+        token_runs.append(run)
+        token_phases.append(phases)
+
+    rotate, steps = repeated_rotations(device, repeats, clock, after_each=after_each)
     baseline = summarize_runs(baselines)
+    token = summarize_runs(token_runs)
     return {
         "rotate": rotate,
         "rotate_steps_s": steps,
+        "rotate_token": token,
+        "rotate_token_steps_s": median_phases(token_phases),
+        "ratio_token_to_file": token["wall_s"] / rotate["wall_s"],
         "baseline_openssl_curl": baseline,
         "ratio_rotate_to_baseline": rotate["wall_s"] / baseline["wall_s"],
     }
