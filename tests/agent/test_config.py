@@ -104,3 +104,68 @@ def test_agent_time_bounds_are_checked(device, text, message):
     device.certrotate_toml.write_text(text)
     with pytest.raises(ConfigError, match=message):
         config.load_agent(Root(device.root))
+
+
+P11_SECTION = ('\n[p11]\nmodule = "/usr/lib/softhsm/libsofthsm2.so"\npass = "87654321"\n'
+               'tls_pkey_id = "01"\ntls_clientcert_id = "03"\n')
+
+
+def token_sota(device, extra: str = P11_SECTION, key_source: str = "pkcs11", cert_source: str | None = "pkcs11"):
+    """sota.toml as lmp-device-register writes it for a token-held identity."""
+    path = device.root / "var/sota/sota.toml"
+    text = path.read_text().replace('pkey_source = "file"', f'pkey_source = "{key_source}"')
+    text = text.replace('cert_source = "file"\n', f'cert_source = "{cert_source}"\n' if cert_source else "")
+    path.write_text(text + extra)
+    return path
+
+
+def test_a_token_identity_is_read_from_p11(device):
+    token_sota(device)
+    sota = config.load_sota(Root(device.root))
+    assert (sota.key_file, sota.cert_file) == ("", "")
+    p11 = sota.p11
+    assert (p11.module, p11.pin, p11.label, p11.key_id, p11.cert_id) == (
+        "/usr/lib/softhsm/libsofthsm2.so", "87654321", "aktualizr", b"\x01", b"\x03")
+    assert "87654321" not in repr(p11)
+
+
+def test_cert_source_follows_the_key_source_when_unset(device):
+    token_sota(device, cert_source=None)  # fioconfig reads only tls.pkey_source
+    assert config.load_sota(Root(device.root)).p11.key_id == b"\x01"
+
+
+@pytest.mark.bad_input("sota.toml token settings")
+def test_a_key_and_certificate_kept_apart_are_refused(device):
+    token_sota(device, cert_source="file")
+    with pytest.raises(ConfigError, match="tls.pkey_source and tls.cert_source are file, pkcs11") as err:
+        config.load_sota(Root(device.root))
+    assert 'both to "pkcs11"' in err.value.hint
+
+
+@pytest.mark.bad_input("sota.toml token settings")
+@pytest.mark.parametrize("value", ["1", "10", "0a", "00", "0102"])
+def test_ids_aktualizr_and_fioconfig_read_apart_are_refused(device, value):
+    token_sota(device, P11_SECTION.replace('tls_pkey_id = "01"', f'tls_pkey_id = "{value}"'))
+    with pytest.raises(ConfigError, match=f"p11.tls_pkey_id in /var/sota/sota.toml is '{value}'") as err:
+        config.load_sota(Root(device.root))
+    assert "aktualizr and fioconfig read other ids as different objects" in err.value.hint
+
+
+@pytest.mark.bad_input("sota.toml token settings")
+def test_a_token_identity_without_a_pin_says_where_to_set_it(device):
+    token_sota(device, P11_SECTION.replace('pass = "87654321"\n', ""))
+    with pytest.raises(ConfigError, match="sota.toml sets no p11.pass"):
+        config.load_sota(Root(device.root))
+
+
+def test_point_p11_at_changes_only_the_two_ids(device):
+    path = token_sota(device)
+    before = path.read_text()
+    root = Root(device.root)
+    sota = config.load_sota(root)
+    config.point_p11_at(root, sota, b"\x07", b"\x09", point="t:sota")
+    after = path.read_text()
+    assert after == before.replace('tls_pkey_id = "01"', 'tls_pkey_id = "07"').replace(
+        'tls_clientcert_id = "03"', 'tls_clientcert_id = "09"')
+    assert (sota.p11.key_id, sota.p11.cert_id) == (b"\x07", b"\x09")
+    assert config.load_sota(root).p11.cert_id == b"\x09"

@@ -97,3 +97,55 @@ def test_completed_keeps_only_recent(tmp_path):
     journal.save(state, point="t:save")
     loaded = journal.load()
     assert len(loaded.completed) == 20 and loaded.last_completed()["rotation_id"] == "c-29"
+
+
+def test_a_file_rotation_is_written_as_schema_1_without_token_fields(tmp_path):
+    """Agents before token support read it (and resumed it after an OTA rollback)."""
+    journal = Journal(tmp_path)
+    journal.save(State(current=Rotation("certs-1", "https://est", old_key_file="/var/sota/pkey.pem")), point="t")
+    data = json.loads(journal.path.read_text())
+    assert data["schema"] == 1
+    assert not set(data["current"]) & {"key_store", "old_key_id", "new_key_id", "new_public_key"}
+    assert journal.load().current.key_store == "file"
+    assert older_agent(tmp_path / "older").Journal(tmp_path).load().current.old_key_file == "/var/sota/pkey.pem"
+
+
+def test_a_token_rotation_is_schema_2_which_an_older_agent_refuses(tmp_path):
+    journal = Journal(tmp_path)
+    rotation = Rotation("certs-1", "https://est", key_store="pkcs11", old_key_id="01", old_cert_id="03",
+                        new_key_id="07", new_cert_id="09", new_public_key="-----BEGIN PUBLIC KEY-----\n")
+    journal.save(State(current=rotation), point="t")
+    data = json.loads(journal.path.read_text())
+    assert data["schema"] == 2 and data["current"]["new_key_id"] == "07"
+    assert journal.load().current == rotation
+    # The agent before token support (its journal module, from this repository's history)
+    # refuses it with a hint instead of taking it for a file rotation.
+    older = older_agent(tmp_path / "older")
+    with pytest.raises(older.JournalError, match="schema 2; this agent knows up to 1"):
+        older.Journal(tmp_path).load()
+
+
+# The last release whose agent knew only journal schema 1.
+SCHEMA_1_RELEASE = "de0428c"
+
+
+def older_agent(directory: Path):
+    """certrotate.journal as SCHEMA_1_RELEASE had it, importable on its own."""
+    import importlib
+
+    repo = Path(__file__).resolve().parents[2]
+    package = directory / "certrotate_schema1"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for module in ("journal", "fsutil", "crashpoints"):
+        shown = subprocess.run(["git", "-C", str(repo), "show", f"{SCHEMA_1_RELEASE}:agent/certrotate/{module}.py"],
+                               capture_output=True)
+        if shown.returncode != 0:
+            pytest.skip(f"this checkout has no git history with {SCHEMA_1_RELEASE} (a source tarball?): "
+                        f"{shown.stderr.decode().strip()}")
+        (package / f"{module}.py").write_bytes(shown.stdout)
+    sys.path.insert(0, str(directory))
+    try:
+        return importlib.import_module("certrotate_schema1.journal")
+    finally:
+        sys.path.remove(str(directory))
