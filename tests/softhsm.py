@@ -107,8 +107,8 @@ class SoftHsm:
         return copy
 
 
-def register_token_device(backend, hsm: SoftHsm, name: str, out: Path, *, derive: bool = True,
-                          key_copies: tuple[str, ...] = ()) -> Path:
+def register_token_device(backend, hsm: SoftHsm, name: str, out: Path, *register_args: str,
+                          derive: bool = True, key_copies: tuple[str, ...] = ()) -> Path:
     """Register ``name`` with its identity in ``hsm``, as lmp-device-register does.
 
     ``derive`` False makes a key that cannot do ECDH (as tpm2-pkcs11 before 1.9.1).
@@ -135,7 +135,7 @@ def register_token_device(backend, hsm: SoftHsm, name: str, out: Path, *, derive
          "-subj", f"/CN={name}", "-sha256", "-out", str(csr)],
         check=True, capture_output=True, env=hsm.openssl_env(), timeout=60,
     )
-    device = backend.register(name, out, "--csr", str(csr))
+    device = backend.register(name, out, "--csr", str(csr), *register_args)
     sota = device / "var/sota"
     cert_der = hsm.dir / f"{name}.der"
     subprocess.run(["openssl", "x509", "-in", str(sota / "client.pem"), "-outform", "DER", "-out", str(cert_der)],

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from . import config, crashpoints, fsutil, pkcs11, tlsprovider
@@ -243,7 +244,7 @@ class TokenKeyStore(KeyStore):
         self._clear(session, rotation, new_id, (CKO_PRIVATE_KEY, CKO_PUBLIC_KEY), "est:p11-stale-key")
         with _storing(f"the new key pair at id {rotation.new_key_id}"):
             session.generate_key_pair(*_key_templates(new_id, KEY_LABEL))
-        crashpoints.reach("est:p11-new-key")
+        _written("est:p11-new-key")
         point = self._public_point(session, new_id)
         rotation.new_public_key = _point_pem(point)
         save()
@@ -282,7 +283,7 @@ class TokenKeyStore(KeyStore):
                         "sota.toml does not name, or give the rotation other ids (PKEYIDS, CERTIDS)",
                     )
                 session.destroy(handle)
-                crashpoints.reach(f"{point}-{object_class}-{number}")
+                _written(f"{point}-{object_class}-{number}")
 
     def _private_is_live(self, session, object_id: bytes, live_point: bytes | None) -> bool:
         # A private key's public half is its public key object's (same id) when there is one.
@@ -329,7 +330,7 @@ class TokenKeyStore(KeyStore):
                 CKA_SUBJECT: parts.subject, CKA_ISSUER: parts.issuer,
                 CKA_SERIAL_NUMBER: parts.serial, CKA_VALUE: der,
             })
-        crashpoints.reach("finalize:p11-cert")
+        _written("finalize:p11-cert")
 
     def point_at(self, rotation, which: str) -> None:
         if which == "old":
@@ -349,7 +350,7 @@ class TokenKeyStore(KeyStore):
                                               (CKO_CERTIFICATE, old_cert, "old-cert")):
             for number, handle in enumerate(self._find(session, object_class, object_id)):
                 session.destroy(handle)
-                crashpoints.reach(f"retire:p11-{what}-{number}")
+                _written(f"retire:p11-{what}-{number}")
         for path in (self._identity_dir() / f"cert-{old_cert.hex()}.pem",
                      self._identity_dir() / f"key-{old_key.hex()}.pem"):
             fsutil.delete_public(path, point=f"retire:{path.stem}")
@@ -366,6 +367,14 @@ class TokenKeyStore(KeyStore):
     def describe(self) -> dict:
         return {"file": f"pkcs11:token={self.p11.label};id={self.p11.cert_id.hex()}",
                 "key_file": f"pkcs11:token={self.p11.label};id={self.p11.key_id.hex()}"}
+
+
+def _written(point: str) -> None:
+    """After a token write: make it durable before anything records it. A token
+    that keeps its objects in files (SoftHSM2) may leave them in the page cache,
+    which a power cut loses; sync() costs little on a device's quiet disk."""
+    os.sync()
+    crashpoints.reach(point)
 
 
 @contextlib.contextmanager

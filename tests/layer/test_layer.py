@@ -362,7 +362,7 @@ def test_service_is_a_hardened_oneshot_started_only_by_the_timer(recipe, payload
     assert hardening["SuccessExitStatus"] == ["3 4 5"]
     assert hardening["Type"] == ["oneshot"] and hardening["ExecStart"] == ["/usr/bin/certrotate check"]
     assert hardening["ProtectSystem"] == ["strict"]
-    assert hardening["ReadWritePaths"] == ["/var/sota -/etc/sota"]
+    assert hardening["ReadWritePaths"] == ["/var/sota -/etc/sota -/var/lib/softhsm -/etc/tpm2_pkcs11"]
     assert hardening["PrivateTmp"] == ["yes"] and hardening["NoNewPrivileges"] == ["yes"]
     assert "DynamicUser" not in hardening and "User" not in hardening  # root: LmP forbids useradd
     timer = unit_sections(destdir / "usr/lib/systemd/system/certrotate.timer")

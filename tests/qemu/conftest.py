@@ -163,11 +163,13 @@ def make_guest(request, image_mode, ssh_key, qemu_workdir):
     guests: list[Guest] = []
     base_tree = None if image_mode else request.getfixturevalue("base_tree")
 
-    def make(name: str, backend, prepare_device=None, from_image: image.ImageMode | None = None) -> Guest:
-        """``prepare_device(device_tree)`` may add files before the device is provisioned."""
+    def make(name: str, backend, prepare_device=None, from_image: image.ImageMode | None = None,
+             register=None) -> Guest:
+        """``prepare_device(device_tree)`` may add files before the device is provisioned;
+        ``register(name, out, *args)`` registers it (default: backend.register)."""
         workdir = qemu_workdir / name
         workdir.mkdir()
-        device_tree = backend.register(name, workdir / "device", *guest_urls(backend))
+        device_tree = (register or backend.register)(name, workdir / "device", *guest_urls(backend))
         if prepare_device:
             prepare_device(device_tree)
         source = from_image or image_mode
