@@ -305,6 +305,20 @@ def test_takeover_drop_in_sets_a_fioconfig_rotation_aside(tmp_path):
         "cert-rotation.state.completed", "cert-rotation.state.set-aside-by-certrotate"]
 
 
+class Datastore(dict):
+    """The d of a ${@...} expression: getVar of the configuration's variables (None when unset)."""
+
+    def getVar(self, name):
+        return self.get(name)
+
+
+def inline_expression(value: str) -> str:
+    """The Python expression of a value that is exactly one ${@...}."""
+    match = re.fullmatch(r"\$\{@(.*)\}", value.strip())
+    assert match, f"{value!r} is not one ${{@...}} expression"
+    return match.group(1)
+
+
 def test_fioconfig_bbappend_is_dynamic_and_follows_the_variable(tmp_path):
     """Only with meta-lmp-base in the build, and only with the takeover on, does
     fioconfig lose its handler; off, the append adds nothing to fioconfig."""
@@ -313,11 +327,6 @@ def test_fioconfig_bbappend_is_dynamic_and_follows_the_variable(tmp_path):
     [append] = (LAYER / "dynamic-layers/meta-lmp-base").rglob("*.bbappend")
     assert append.name == "fioconfig_%.bbappend"
     [expression] = re.findall(r"^require \$\{@(.*)\}$", append.read_text(), re.M)
-
-    class Datastore(dict):
-        def getVar(self, name):
-            return self.get(name)
-
     chosen = {value: eval(expression, {}, {"d": Datastore(CERTROTATE_FIOCONFIG_TAKEOVER=value)})
               for value in ("1", "0", None)}
     assert chosen["0"] == chosen[None] == ""
@@ -331,6 +340,122 @@ def test_fioconfig_bbappend_is_dynamic_and_follows_the_variable(tmp_path):
     script = body.replace("${D}", str(tmp_path)).replace("${datadir}", "/usr/share")
     assert subprocess.run(["sh", "-e", "-c", script], timeout=30).returncode == 0
     assert sorted(p.name for p in handlers.iterdir()) == ["aktualizr-toml-update", "factory-config-vpn"]
+
+
+# meta-oe scarthgap (meta-openembedded, branch scarthgap): the priority in
+# meta-oe/conf/layer.conf and the version of its pkcs11-provider recipe.
+META_OE_PRIORITY = 5
+META_OE_PKCS11_PROVIDER = "0.3"
+# The oldest pkcs11-provider that decodes PEM files holding a PKCS#11 URI.
+PKCS11_PROVIDER_PEM_URI = "0.4"
+PKCS11_PROVIDER_DIR = LAYER / "dynamic-layers/openembedded-layer/recipes-support/pkcs11-provider"
+
+
+def version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def layer_conf_values(name: str) -> list[str]:
+    return re.findall(rf'^{re.escape(name)}\s*\+?=\s*"(.*)"$', (LAYER / "conf/layer.conf").read_text(), re.M)
+
+
+def pkcs11_provider_recipe() -> recipe_install.Recipe:
+    [path] = PKCS11_PROVIDER_DIR.glob("*.bb")
+    return recipe_install.parse_recipe(path)
+
+
+def test_dynamic_layer_files_are_read_only_with_their_layer():
+    """Every file under dynamic-layers/<collection>/ is matched by a BBFILES_DYNAMIC entry of
+    that collection and by no plain BBFILES entry; the pkcs11-provider recipe is meta-oe's."""
+    entries = [entry.split(":", 1) for value in layer_conf_values("BBFILES_DYNAMIC") for entry in value.split()]
+    assert "openembedded-layer" in {collection for collection, _ in entries}
+
+    def globbed(pattern: str) -> set[Path]:
+        assert pattern.startswith("${LAYERDIR}/"), pattern
+        return set(LAYER.glob(pattern.removeprefix("${LAYERDIR}/")))
+
+    plain = set().union(*(globbed(p) for value in layer_conf_values("BBFILES") for p in value.split()))
+    files = {p for p in (LAYER / "dynamic-layers").rglob("*") if p.suffix in (".bb", ".bbappend")}
+    for path in files:
+        collection = path.relative_to(LAYER / "dynamic-layers").parts[0]
+        assert [c for c, pattern in entries if path in globbed(pattern)] == [collection], path
+        assert path not in plain, path
+    assert {p for p in files if p.parent == PKCS11_PROVIDER_DIR} == set(PKCS11_PROVIDER_DIR.glob("pkcs11-provider_*.bb"))
+
+
+def test_token_support_is_one_variable_off_by_default(recipe, payload, tmp_path):
+    """Off (the default, set nowhere but the recipe's weak default): no pkcs11-provider in
+    RDEPENDS. On: pkcs11-provider, bound to a version that decodes PEM-wrapped URIs, which
+    meta-oe's does not; the payload itself is the same either way."""
+    assert recipe.variables["CERTROTATE_PKCS11"] == "0"
+    assert "pkcs11-provider" not in agent_rdepends(recipe, None)
+    assert "pkcs11-provider" not in agent_rdepends(recipe, "0")
+    bound = agent_rdepends(recipe, "1")["pkcs11-provider"]
+    operator, _, least = bound.partition(" ")
+    assert operator == ">=" and version(least) == version(PKCS11_PROVIDER_PEM_URI), bound
+    assert version(META_OE_PKCS11_PROVIDER) < version(least) <= version(pkcs11_provider_recipe().pv)
+    # Nothing else sets it: not the layer's configuration, not the pkcs11-provider recipe, not kas.
+    setting = re.compile(r"^\s*CERTROTATE_PKCS11\b\s*(\[[^]]*\])?\s*[?:+.=]*=", re.M)
+    metadata = [p for p in LAYER.rglob("*") if p.suffix in (".bb", ".bbappend", ".bbclass", ".conf", ".inc")]
+    elsewhere = [p for p in [*metadata, *(REPO / "kas").glob("*.yml")]
+                 if p != recipe.path and setting.search(p.read_text())]
+    assert not elsewhere, elsewhere
+    _, installed = payload
+    token = recipe_install.install_payload(tmp_path / "on", ptest=False, python_sitelib=TARGET_SITELIB,
+                                           overrides={"CERTROTATE_PKCS11": "1"})
+    ptest_path = bindings_for(recipe)["PTEST_PATH"]
+    assert token == [path for path in installed if not path.startswith(ptest_path + "/")]
+
+
+def test_every_variable_is_documented_with_its_default(recipe):
+    readme = (LAYER / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(CERTROTATE_[A-Z0-9_]+)` \| (.*?) \|", readme, re.M))
+    for name, default in recipe.certrotate_defaults().items():
+        assert name in rows, f"{name} is not in meta-certrotate/README.md's list of variables"
+        documented = f"`{default}`" if default else "empty"
+        assert rows[name] == documented or rows[name].startswith(documented + " "), (name, rows[name])
+
+
+def test_pkcs11_provider_recipe_is_built_only_with_token_support():
+    """Off, the layer's pkcs11-provider skips itself, so meta-oe's stays the provider; on, it is
+    not skipped and wins over meta-oe's: a higher (or equal) layer priority and a newer version.
+    No DEFAULT_PREFERENCE or PREFERRED_VERSION anywhere changes that for other builds."""
+    provider = pkcs11_provider_recipe()
+    assert provider.pn == "pkcs11-provider"
+    assert version(provider.pv) >= version(PKCS11_PROVIDER_PEM_URI) > version(META_OE_PKCS11_PROVIDER)
+    [(flag, expression)] = re.findall(r'^SKIP_RECIPE\[([^]]+)\] \??= "(.*)"$', provider.path.read_text(), re.M)
+    assert flag == provider.pn
+    skip = {value: eval(inline_expression(expression), {}, {"d": Datastore(CERTROTATE_PKCS11=value)})
+            for value in (None, "0", "1")}
+    assert skip["1"] == "" and skip["0"] and skip[None] and "CERTROTATE_PKCS11" in skip[None], skip
+    [priority] = layer_conf_values("BBFILE_PRIORITY_certrotate")
+    assert int(priority) >= META_OE_PRIORITY
+    for path in LAYER.rglob("*"):
+        if path.is_file() and path.suffix in (".bb", ".bbappend", ".conf", ".inc"):
+            assert not re.search(r"^\s*(DEFAULT_PREFERENCE|PREFERRED_VERSION_pkcs11-provider)\b",
+                                 path.read_text(), re.M), path
+
+
+def test_pkcs11_provider_recipe_is_a_meson_build_from_git_into_openssls_modules_directory():
+    provider = pkcs11_provider_recipe()
+    text = provider.path.read_text()
+    variables = provider.variables
+    [source] = variables["SRC_URI"].split()
+    location, *params = source.split(";")
+    params = dict(p.split("=", 1) for p in params)
+    assert location == "git://github.com/latchset/pkcs11-provider.git" and params["protocol"] == "https"
+    assert params["branch"] and "tag" not in params
+    assert re.fullmatch(r"[0-9a-f]{40}", variables["SRCREV"])
+    assert variables["S"] == "${WORKDIR}/git"  # scarthgap's git unpack directory
+    assert variables["LICENSE"] == "Apache-2.0"
+    assert re.fullmatch(r"file://COPYING;md5=[0-9a-f]{32}", variables["LIC_FILES_CHKSUM"])
+    assert "openssl" in variables["DEPENDS"].split()
+    [inherits] = re.findall(r"^inherit (.*)$", text, re.M)
+    assert {"meson", "pkgconfig"} <= set(inherits.split())
+    # The agent asks OpenSSL for the provider "pkcs11", which OpenSSL loads as pkcs11.so from its
+    # modules directory; the package must hold that file.
+    assert b'OSSL_PROVIDER_available(None, b"pkcs11")' in (REPO / "agent/certrotate/tlsprovider.py").read_bytes()
+    assert "${libdir}/ossl-modules/pkcs11.so" in variables["FILES:${PN}"].split()
 
 
 def test_unknown_override_is_refused_with_the_known_names(tmp_path):
@@ -482,10 +607,36 @@ def required_packages(paths: list[Path], local: set[str]) -> set[str]:
     return packages
 
 
+def explode_deps(value: str) -> dict[str, str | None]:
+    """An RDEPENDS value as bb.utils.explode_dep_versions2 reads it: name -> version bound (or None)."""
+    deps: dict[str, str | None] = {}
+    for name, bound in re.findall(r"([^\s()]+)(?:\s*\(([^)]*)\))?", value):
+        assert name not in deps, f"{name} listed twice in {value!r}"
+        deps[name] = " ".join(bound.split()) or None
+    return deps
+
+
+def agent_rdepends(recipe: recipe_install.Recipe, pkcs11: str | None) -> dict[str, str | None]:
+    """RDEPENDS:${PN} as BitBake ends up with it, CERTROTATE_PKCS11 set to pkcs11 (None: unset)."""
+    # Nothing else may change the list (no +=, :remove, :prepend, per-override values).
+    changes = sorted(name for name in recipe.variables
+                     if name.startswith("RDEPENDS:${PN}") and not name.startswith("RDEPENDS:${PN}-"))
+    assert changes == ["RDEPENDS:${PN}", "RDEPENDS:${PN}:append"], changes
+    appended = eval(inline_expression(recipe.variables["RDEPENDS:${PN}:append"]), {},
+                    {"d": Datastore(CERTROTATE_PKCS11=pkcs11)})
+    return explode_deps(f"{recipe.variables['RDEPENDS:${PN}']} {appended}")
+
+
 def test_rdepends_are_exactly_what_the_agent_imports(recipe):
     needed = required_packages(sorted((REPO / "agent" / "certrotate").rglob("*.py")), {"certrotate"})
-    declared = set(recipe.variables["RDEPENDS:${PN}"].split())
-    assert declared == needed, f"missing {sorted(needed - declared)}, not imported {sorted(declared - needed)}"
+    for pkcs11 in (None, "0"):
+        deps = agent_rdepends(recipe, pkcs11)
+        declared = set(deps)
+        assert declared == needed, f"missing {sorted(needed - declared)}, not imported {sorted(declared - needed)}"
+        assert not any(deps.values()), deps
+    # With token support on, the provider the agent loads by name comes on top, and nothing else.
+    with_token = agent_rdepends(recipe, "1")
+    assert set(with_token) - needed == {"pkcs11-provider"} and needed <= set(with_token)
 
 
 def test_ptest_rdepends_are_what_the_shipped_tests_import_beyond_the_agent(recipe, payload):

@@ -45,6 +45,14 @@ CERTROTATE_RESTART_SERVICES ??= "aktualizr-lite.service fioconfig.service"
 # rotation of fioconfig's own instead of resuming it. "0": certrotate's
 # handler is certrotate-renew-client-cert and fioconfig is left alone.
 CERTROTATE_FIOCONFIG_TAKEOVER ??= "0"
+# "1": the device's identity may live in a PKCS#11 token. certrotate then
+# needs pkcs11-provider 0.4 or newer (it opens PEM-wrapped key URIs), which the
+# layer's dynamic-layers/openembedded-layer recipe provides in place of
+# meta-oe's 0.3; that recipe reads the variable too, so set it in global
+# configuration (local.conf, distro), not in a bbappend. The PKCS#11 module
+# itself (softhsm, tpm2-pkcs11, OP-TEE's libckteec, ...) is the product's to
+# install. "0": no token support is pulled in.
+CERTROTATE_PKCS11 ??= "0"
 
 SYSTEMD_SERVICE:${PN} = "certrotate.timer"
 
@@ -126,4 +134,8 @@ RDEPENDS:${PN} = "python3-core \
                   python3-tomllib \
                   python3-urllib3 \
 "
+# Not an import: the OpenSSL provider the agent loads by name for token-held
+# keys. The version bound makes the image fail to assemble, rather than TLS on
+# the device, should meta-oe's 0.3 be built after all.
+RDEPENDS:${PN}:append = " ${@'pkcs11-provider (>= 0.4)' if d.getVar('CERTROTATE_PKCS11') == '1' else ''}"
 RDEPENDS:${PN}-ptest += "python3-pytest"
