@@ -72,14 +72,16 @@ def open_context(edges: Edges, lock_wait: float = 0.0):
         for leftover in fsutil.remove_stale_temps(directory):
             log.info("removed %s, left by an interrupted write", leftover)
     state = journal.load()
+    from .rotation import FINALIZE_INDEX, STEPS
+
     if state.current is not None:
-        keystore.for_rotation(keys, state.current)
+        keystore.for_rotation(keys, state.current, installed=state.current.step >= FINALIZE_INDEX)
     target = current_target(root(sota.storage_path) / "current-target")
     return Context(
         root=root, sota=sota, agent=agent, journal=journal, state=state,
         events=EventQueue(journal.dir, clock=edges.clock, target=target),
         systemd=edges.systemd or Systemd(), keys=keys, clock=edges.clock, sleep=edges.sleep,
-        deadline=Deadline(agent.run_deadline, edges.monotonic),
+        deadline=Deadline(agent.run_deadline, edges.monotonic), step_keys=tuple(step.key for step in STEPS),
     )
 
 
@@ -99,7 +101,8 @@ def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason
         # once per change: it must not be lost), but nothing runs.
         cert_file = ctx.keys.live_cert_file()
         state_dir = edges.root(ctx.agent.state_dir)
-        # Not cached here: a rotation writes nothing before its journal entry.
+        # Not cached here: a rotation writes nothing before its journal entry (but the
+        # certificate a token holds, exported for reading).
         validity = policy.cached_validity(state_dir, cert_file) or policy.parse_validity(cert_file)
         wrong_clock = policy.wrong_clock(validity, edges.clock())
         if wrong_clock and not (rotation_id or ctx.state.current):
@@ -170,7 +173,13 @@ def _live_cert_file(root: Root, sota, agent):
     from .journal import Journal
     from .tokenkeys import TokenKeyStore
 
-    return TokenKeyStore(root, sota, agent, Journal(root(agent.state_dir))).live_cert_file()
+    # The certificate is exported into the state dir: under the lock, as every write there.
+    journal = Journal(root(agent.state_dir))
+    journal.lock()
+    try:
+        return TokenKeyStore(root, sota, agent, journal).live_cert_file()
+    finally:
+        journal.unlock()
 
 
 def _rotation_in_progress(state_dir) -> bool:

@@ -30,7 +30,8 @@ from . import fsutil
 
 SCHEMA = 2
 # Schema 2 adds the token fields of Rotation; a file rotation leaves them out (schema 1).
-TOKEN_FIELDS = ("key_store", "old_key_id", "old_cert_id", "new_key_id", "new_cert_id", "new_public_key")
+TOKEN_FIELDS = ("key_store", "old_key_id", "old_cert_id", "new_key_id", "new_cert_id", "old_public_key",
+                "new_public_key")
 STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 KEEP_COMPLETED = 20
@@ -64,13 +65,15 @@ class Rotation:
     restarted: bool = False
     last_error: dict | None = None  # {"step", "message", "hint"}
     superseded: list[str] = field(default_factory=list)  # ids requested while this ran
-    # A token-held identity (keystore.PKCS11): the CKA_IDs as sota.toml writes them, and
-    # the public key generated at new_key_id (PEM), so a resumed run knows it for its own.
+    # A token-held identity (keystore.PKCS11): the CKA_IDs as sota.toml writes them, the
+    # live public key when the rotation began and the one generated at new_key_id (PEM),
+    # so that a resumed run knows each for what it is.
     key_store: str = "file"
     old_key_id: str = ""
     old_cert_id: str = ""
     new_key_id: str = ""
     new_cert_id: str = ""
+    old_public_key: str = ""
     new_public_key: str = ""
 
     @classmethod

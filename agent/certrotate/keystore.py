@@ -95,6 +95,10 @@ class KeyStore:
         """Where the live identity is, for ``status``."""
         raise NotImplementedError
 
+    def names(self, rotation: Rotation) -> tuple[tuple, tuple, tuple]:
+        """How sota.toml names the rotation's old identity, its new one, and the live one now."""
+        raise NotImplementedError
+
 
 class FileKeyStore(KeyStore):
     """PEM files in aktualizr-lite's storage; the new ones are pkey-<id>.pem / client-<id>.pem."""
@@ -169,6 +173,9 @@ class FileKeyStore(KeyStore):
         certificate that is a symlink is unlinked itself; the file it points to is
         wiped with it only when that is the device's own file in aktualizr-lite's
         storage (storage.path, /var/sota): a file elsewhere is someone else's."""
+        if (self.sota.key_file, self.sota.cert_file) != (rotation.new_key_file, rotation.new_cert_file):
+            raise config.ConfigError("sota.toml does not name the new identity: the old one is not removed",
+                                     hint="check sota.toml's import paths; run certrotate rotate again")
         keep = {rotation.new_key_file, rotation.new_cert_file}
         storage = Path(os.path.realpath(self.root(self.sota.storage_path)))
         kept_files = {Path(os.path.realpath(self.root(device_path))) for device_path in keep}
@@ -185,6 +192,10 @@ class FileKeyStore(KeyStore):
 
     def describe(self) -> dict:
         return {"file": self.sota.cert_file, "key_file": self.sota.key_file}
+
+    def names(self, rotation: Rotation) -> tuple[tuple, tuple, tuple]:
+        return ((rotation.old_key_file, rotation.old_cert_file), (rotation.new_key_file, rotation.new_cert_file),
+                (self.sota.key_file, self.sota.cert_file))
 
 
 def _retire_old(path: Path, storage: Path, kept_files: set[Path], delete, *, point: str) -> None:
@@ -209,12 +220,24 @@ def open_store(root: Root, sota: SotaConfig, agent: AgentConfig, journal: Journa
     return TokenKeyStore(root, sota, agent, journal)
 
 
-def for_rotation(store: KeyStore, rotation: Rotation) -> None:
-    """Refuse to resume a rotation begun for another kind of storage."""
+def for_rotation(store: KeyStore, rotation: Rotation, installed: bool) -> None:
+    """Refuse to resume a rotation when sota.toml names neither of its identities
+    (the old one, or once ``installed`` may have begun, the new one): another tool
+    changed the identity meanwhile (fioconfig's own rotation, an operator), and
+    what the rotation would write or remove may be that identity."""
     if rotation.key_store != store.kind:
         raise config.ConfigError(
             f"rotation {rotation.rotation_id} was begun for a {rotation.key_store} identity, but "
             f"sota.toml now names a {store.kind} identity",
             hint="restore sota.toml as it was when the rotation began, or finish the rotation "
             "with that configuration",
+        )
+    old, new, live = store.names(rotation)
+    if live != old and not (installed and live == new):
+        raise config.ConfigError(
+            f"rotation {rotation.rotation_id} began from {'/'.join(old)}, but sota.toml now names "
+            f"{'/'.join(live)}: something else changed the device's identity meanwhile",
+            hint="nothing was touched. If the device is online with what sota.toml names, move the "
+            "rotation's journal (state.json in the state dir) aside: the next rotation starts from "
+            "that identity",
         )

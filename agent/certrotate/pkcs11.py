@@ -139,7 +139,6 @@ _SIGNATURES = {
     "C_GetTokenInfo": [CK_ULONG, ctypes.POINTER(CK_TOKEN_INFO)],
     "C_GetMechanismInfo": [CK_ULONG, CK_ULONG, ctypes.POINTER(CK_MECHANISM_INFO)],
     "C_OpenSession": [CK_ULONG, CK_ULONG, CK_VOID_P, CK_VOID_P, CK_ULONG_P],
-    "C_CloseSession": [CK_ULONG],
     "C_Login": [CK_ULONG, CK_ULONG, ctypes.c_char_p, CK_ULONG],
     "C_CreateObject": [CK_ULONG, ctypes.POINTER(CK_ATTRIBUTE), CK_ULONG, CK_ULONG_P],
     "C_DestroyObject": [CK_ULONG, CK_ULONG],
@@ -276,17 +275,6 @@ class Session:
         self.slot = slot
         self.handle = handle
 
-    def close(self) -> None:
-        if self.handle is not None:
-            self.module.call("C_CloseSession", self.handle)
-            self.handle = None
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def login(self, pin: str) -> None:
         """Log the user in (for every session of this process, as PKCS#11 has it)."""
         secret = pin.encode()
@@ -301,11 +289,11 @@ class Session:
         try:
             batch = (CK_ULONG * 16)()
             count = CK_ULONG()
-            while True:
+            while True:  # until a batch comes back empty: a module may return short ones
                 _check(call("C_FindObjects", self.handle, batch, 16, ctypes.byref(count)), "C_FindObjects")
-                found += batch[:count.value]
-                if count.value < 16:
+                if count.value == 0:
                     return found
+                found += batch[:count.value]
         finally:
             call("C_FindObjectsFinal", self.handle)
 

@@ -36,6 +36,10 @@ class ConfirmStep(Step):
                 hint="check the network path to the gateway and its logs; the rotation resumes "
                 "on the next run",
             )
+        # Journaled before the first change back: a run cut short in the revert resumes
+        # from the lock step (finalize installs the new identity again) instead of
+        # confirming and retiring an identity sota.toml may no longer name.
+        ctx.rewind("lock", point="confirm:rewind")
         self.revert(ctx)
         raise StepError(
             f"the gateway refused the new certificate ({why}); the device is back on its old "

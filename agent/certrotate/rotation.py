@@ -60,6 +60,7 @@ STEPS: list[Step] = [
 ]
 CONFIRM_INDEX = next(i for i, step in enumerate(STEPS) if isinstance(step, ConfirmStep))
 EST_INDEX = next(i for i, step in enumerate(STEPS) if isinstance(step, EstStep))
+FINALIZE_INDEX = next(i for i, step in enumerate(STEPS) if isinstance(step, FinalizeStep))
 
 
 class RotationFailed(Exception):
@@ -232,10 +233,15 @@ def event_identity(ctx: Context):
 
 def deliver_events(ctx: Context) -> bool:
     """One short attempt to deliver the queued events; never raises."""
-    identity = event_identity(ctx)
     delivery = Deadline(EVENTS_DEADLINE, ctx.deadline.clock)
+    identities = []
 
     def post(batch: list[dict]) -> None:
+        # Found here, where a failure only keeps the events queued: a token-held
+        # identity may be unreachable (the very reason a run failed).
+        if not identities:
+            identities.append(event_identity(ctx))
+        identity = identities[0]
         left = delivery.left()
         if left <= 0:
             raise StepError(f"event delivery took its {EVENTS_DEADLINE:g} s",

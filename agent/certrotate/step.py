@@ -59,6 +59,7 @@ class Context:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     deadline: Deadline = field(default_factory=lambda: Deadline(None))  # the run's
+    step_keys: tuple[str, ...] = ()  # the state machine's steps, in order
     _sessions: dict = field(default_factory=dict)
 
     @property
@@ -68,6 +69,11 @@ class Context:
 
     def save(self, *, point: str) -> None:
         self.journal.save(self.state, point=point)
+
+    def rewind(self, key: str, *, point: str) -> None:
+        """Journal that the rotation resumes from the step ``key``."""
+        self.rotation.step = self.step_keys.index(key)
+        self.save(point=point)
 
     # Identities: (certificate file, key file) as host paths, from the key store.
     def old_identity(self) -> tuple[Path, Path]:

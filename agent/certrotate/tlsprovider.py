@@ -92,19 +92,24 @@ def load(module: str, pin: str) -> None:
         if any(c in module for c in "\n\r$\"'#"):
             raise TokenError(f"p11.module {module!r} has characters OpenSSL's configuration cannot hold",
                              hint="install the PKCS#11 module under a plain path")
-        pin_fd = os.memfd_create("certrotate-pin")
-        os.write(pin_fd, pin.encode())
-        config_fd = os.memfd_create("certrotate-openssl")
+        libcrypto = _libcrypto()
+        pin_fd = os.memfd_create("certrotate-pin")  # close-on-exec, as memfds are by default
+        loaded = False
         try:
-            os.write(config_fd, _CONFIG.format(module=module, pin_fd=pin_fd).encode())
-            libcrypto = _libcrypto()
-            libcrypto.OSSL_LIB_CTX_load_config.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-            libcrypto.OSSL_LIB_CTX_load_config.restype = ctypes.c_int
-            loaded = libcrypto.OSSL_LIB_CTX_load_config(None, f"/proc/self/fd/{config_fd}".encode())
+            os.write(pin_fd, pin.encode())
+            config_fd = os.memfd_create("certrotate-openssl")
+            try:
+                os.write(config_fd, _CONFIG.format(module=module, pin_fd=pin_fd).encode())
+                libcrypto.OSSL_LIB_CTX_load_config.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+                libcrypto.OSSL_LIB_CTX_load_config.restype = ctypes.c_int
+                loaded = (libcrypto.OSSL_LIB_CTX_load_config(None, f"/proc/self/fd/{config_fd}".encode()) == 1
+                          and _provider_available(libcrypto))
+            finally:
+                os.close(config_fd)
         finally:
-            os.close(config_fd)
-        if loaded != 1 or not _provider_available(libcrypto):
-            os.close(pin_fd)
+            if not loaded:
+                os.close(pin_fd)
+        if not loaded:
             raise TokenError(
                 "OpenSSL could not load pkcs11-provider",
                 hint="install pkcs11-provider 0.4 or newer (Debian bookworm: bookworm-backports; "

@@ -209,6 +209,9 @@ class TokenKeyStore(KeyStore):
                                       point=f"p11:cert-file-{cert_id.hex()}")
 
     def _key_file(self, key_id: bytes) -> Path:
+        # The agent logs in first (guarded against a refused PIN); the provider then
+        # finds the process logged in and never tries the PIN itself.
+        self.session()
         tlsprovider.load(self.p11.module, self.p11.pin)
         uri = tlsprovider.private_key_uri(self.p11.label, key_id)
         return self._write_if_changed(self._identity_dir() / f"key-{key_id.hex()}.pem",
@@ -220,10 +223,40 @@ class TokenKeyStore(KeyStore):
         key_ids = request.get("key_ids") or KEY_IDS
         cert_ids = request.get("cert_ids") or CERT_IDS
         live_key, live_cert = self.p11.key_id.hex(), self.p11.cert_id.hex()
+        # The live public key, read without the PIN: whatever later writes or destroys
+        # is compared against it, never against what an id holds at that time.
+        point = self._public_point(self.session(login=False), self.p11.key_id)
+        if point is None:
+            raise TokenError(
+                f"the token holds no single public key at sota.toml's p11.tls_pkey_id {live_key}",
+                hint="a rotation needs the live key's public key object beside it (as "
+                "lmp-device-register stores it); check the token's objects (pkcs11-tool --list-objects)",
+            )
         rotation.key_store = PKCS11
         rotation.old_key_id, rotation.old_cert_id = live_key, live_cert
+        rotation.old_public_key = _point_pem(point)
         rotation.new_key_id = next(i for i in key_ids if i != live_key)
         rotation.new_cert_id = next(i for i in cert_ids if i != live_cert)
+
+    def check_old(self, rotation) -> None:
+        """The live identity is whole: one private key, its public key, and a
+        certificate for that key, at the ids sota.toml names."""
+        from cryptography import x509
+
+        session = self.session()
+        old_key, old_cert = bytes.fromhex(rotation.old_key_id), bytes.fromhex(rotation.old_cert_id)
+        self.private_handle(session, old_key)
+        point = self._public_point(session, old_key)
+        cert = x509.load_der_x509_certificate(self._cert_der(session, old_cert))
+        if point is None or _point_pem(point) != rotation.old_public_key or \
+                _spki_pem(cert) != rotation.old_public_key:
+            raise TokenError(
+                f"the token's live identity (key {rotation.old_key_id}, certificate "
+                f"{rotation.old_cert_id}) changed since rotation {rotation.rotation_id} began, or its "
+                "certificate is not for its key",
+                hint="check the token's objects (pkcs11-tool --list-objects) and sota.toml's p11 ids; "
+                "nothing was written to the token",
+            )
 
     def _generated(self, rotation) -> TokenKey | None:
         """The pair this rotation generated, if the token still holds it."""
@@ -256,25 +289,32 @@ class TokenKeyStore(KeyStore):
             raise TokenError(
                 f"the key rotation {rotation.rotation_id} generated at id {rotation.new_key_id} "
                 "is not in the token",
-                hint="the new certificate is unusable without it; check the token, then move the "
-                "rotation's journal (state.json) aside and rotate again",
+                hint=f"the new certificate is unusable without it. If sota.toml's p11 ids name "
+                f"{rotation.new_key_id}/{rotation.new_cert_id}, point them back at "
+                f"{rotation.old_key_id}/{rotation.old_cert_id} first; then move the rotation's "
+                "journal (state.json) aside and rotate again",
             )
         return key
 
     def _clear(self, session, rotation, object_id: bytes, classes, point: str) -> None:
-        """Destroy every object of ``classes`` at ``object_id``, refusing the live identity's."""
-        live_point = self._public_point(session, bytes.fromhex(rotation.old_key_id))
-        live_cert = None
-        if CKO_CERTIFICATE in classes:
-            live_cert = self._cert_der(session, bytes.fromhex(rotation.old_cert_id))
+        """Destroy every object of ``classes`` at ``object_id``; never at an id sota.toml
+        names, never the live key's public half or a certificate for it (a copy of the
+        live identity is refused, not destroyed), never a private key beside them."""
+        from cryptography import x509
+
+        live_id = self.p11.cert_id if CKO_CERTIFICATE in classes else self.p11.key_id
+        if object_id == live_id or not rotation.old_public_key:
+            raise TokenError(f"id {object_id.hex()} is the live identity's (sota.toml's p11 ids)",
+                             hint="check sota.toml's p11 ids and the rotation's (certrotate status)")
+        copy_of_live = self._public_point(session, object_id)
+        copy_of_live = copy_of_live is not None and _point_pem(copy_of_live) == rotation.old_public_key
         for object_class in classes:
             for number, handle in enumerate(self._find(session, object_class, object_id)):
-                if object_class == CKO_PUBLIC_KEY:
-                    live = _unwrap_point(session.attribute(handle, CKA_EC_POINT)) == live_point
-                elif object_class == CKO_CERTIFICATE:
-                    live = session.attribute(handle, CKA_VALUE) == live_cert
+                if object_class == CKO_CERTIFICATE:
+                    cert = x509.load_der_x509_certificate(session.attribute(handle, CKA_VALUE))
+                    live = _spki_pem(cert) == rotation.old_public_key
                 else:
-                    live = self._private_is_live(session, object_id, live_point)
+                    live = copy_of_live
                 if live:
                     raise TokenError(
                         f"id {object_id.hex()}, where the new identity goes, holds the live "
@@ -284,10 +324,6 @@ class TokenKeyStore(KeyStore):
                     )
                 session.destroy(handle)
                 _written(f"{point}-{object_class}-{number}")
-
-    def _private_is_live(self, session, object_id: bytes, live_point: bytes | None) -> bool:
-        # A private key's public half is its public key object's (same id) when there is one.
-        return live_point is not None and self._public_point(session, object_id) == live_point
 
     def old_key(self, rotation) -> TokenKey:
         return self._key(bytes.fromhex(rotation.old_key_id))
@@ -315,6 +351,10 @@ class TokenKeyStore(KeyStore):
 
         cert_id = bytes.fromhex(rotation.new_cert_id)
         leaf = certs.load_certs(self.journal.new_cert_path(rotation.rotation_id))[0]
+        self.new_key(rotation)  # sota.toml is about to name it: it must be in the token
+        if _spki_pem(leaf) != rotation.new_public_key:
+            raise TokenError(f"the issued certificate is not for the key at id {rotation.new_key_id}",
+                             hint="move the rotation's journal (state.json) aside and rotate again")
         der = leaf.public_bytes(serialization.Encoding.DER)
         session = self.session()
         present = [h for h in self._find(session, CKO_CERTIFICATE, cert_id)
@@ -341,9 +381,26 @@ class TokenKeyStore(KeyStore):
                                 bytes.fromhex(rotation.new_cert_id), point="finalize:sota")
 
     def retire(self, rotation) -> None:
+        from cryptography import x509
+
+        if (self.p11.key_id.hex(), self.p11.cert_id.hex()) != (rotation.new_key_id, rotation.new_cert_id):
+            raise TokenError("sota.toml does not name the new identity: the old one is not removed",
+                             hint="check sota.toml's p11 ids; run certrotate rotate again")
         self.new_key(rotation)  # the new pair must be there before the old one goes
         session = self.session()
         old_key, old_cert = bytes.fromhex(rotation.old_key_id), bytes.fromhex(rotation.old_cert_id)
+        # Only what this rotation found live: objects put at the old ids since are someone else's.
+        point = self._public_point(session, old_key)
+        certificates = [x509.load_der_x509_certificate(session.attribute(h, CKA_VALUE))
+                        for h in self._find(session, CKO_CERTIFICATE, old_cert)]
+        if (point is not None and _point_pem(point) != rotation.old_public_key) or \
+                any(_spki_pem(cert) != rotation.old_public_key for cert in certificates):
+            raise TokenError(
+                f"ids {rotation.old_key_id}/{rotation.old_cert_id} hold objects of another key than the "
+                "one this rotation replaced: they are left alone",
+                hint="check the token's objects (pkcs11-tool --list-objects); the rotation is done "
+                "otherwise: remove the old objects by hand, then run certrotate rotate to close it",
+            )
         # Private first: a crash after it leaves only public objects behind.
         for object_class, object_id, what in ((CKO_PRIVATE_KEY, old_key, "old-key"),
                                               (CKO_PUBLIC_KEY, old_key, "old-public-key"),
@@ -365,8 +422,12 @@ class TokenKeyStore(KeyStore):
         return {self.journal.dir / _IDENTITY_DIR}
 
     def describe(self) -> dict:
-        return {"file": f"pkcs11:token={self.p11.label};id={self.p11.cert_id.hex()}",
-                "key_file": f"pkcs11:token={self.p11.label};id={self.p11.key_id.hex()}"}
+        return {"file": f"pkcs11:token={self.p11.label};id=%{self.p11.cert_id.hex()};type=cert",
+                "key_file": f"pkcs11:token={self.p11.label};id=%{self.p11.key_id.hex()};type=private"}
+
+    def names(self, rotation) -> tuple[tuple, tuple, tuple]:
+        return ((rotation.old_key_id, rotation.old_cert_id), (rotation.new_key_id, rotation.new_cert_id),
+                (self.p11.key_id.hex(), self.p11.cert_id.hex()))
 
 
 def _written(point: str) -> None:
@@ -415,6 +476,13 @@ def _unwrap_point(value: bytes) -> bytes:
         header = 2 if value[1] < 0x80 else 2 + (value[1] & 0x7F)
         return value[header:]
     return value
+
+
+def _spki_pem(cert) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_key().public_bytes(serialization.Encoding.PEM,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 def _point_pem(point: bytes) -> str:

@@ -66,3 +66,31 @@ def test_refused_certificate_reverts_then_resumes(backend, tmp_path):
     assert_rotated(backend, device, old, device_values={"token": "abc"}, local_values={"token": "abc"})
     assert "CertRotationCompleted" in event_lines(backend, "dev-r", "certs-7")[-1]
     assert "Succeed" in event_lines(backend, "dev-r", "certs-7")[-1]
+
+
+@pytest.mark.bad_input("power cut while going back to the old identity")
+def test_a_revert_cut_short_resumes_from_the_lock_step_and_keeps_the_identity(backend, tmp_path):
+    """Killed just after sota.toml is pointed back at the old identity: the journal already
+    says "resume from the lock step", so the next run installs the new identity again,
+    and never confirms and retires while sota.toml names the old one."""
+    device, old = new_device(backend, tmp_path, "dev-rc", device_values={"token": "abc"},
+                             local_values={"token": "abc"})
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+    killed = run_agent(device, "rotate", "--rotation-id", "certs-8", bin_dir=bin_dir,
+                       env={"CERTROTATE_CRASH_AT": "journal:finalize"})
+    assert killed.returncode == -signal.SIGKILL
+    other = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    assert backend.gateway(device, "PATCH", "/device", key=old.key, cert=old.cert,
+                           json={"next_pubkey": other}).status_code == 200
+    cut = run_agent(device, "check", bin_dir=bin_dir, env={"CERTROTATE_CRASH_AT": "confirm:revert-sota-0"})
+    assert cut.returncode == -signal.SIGKILL
+    assert active_identity(device)[0] == old.device_key_file
+    assert old.device_key_file.read_bytes() == old.key_pem
+    # Before the fix the journal still said "confirm": the next run got a 200 for the new
+    # certificate (it is valid once announced again) and retired the key sota.toml named.
+    resumed = run_agent(device, "check", bin_dir=bin_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step 2/8: Lock device configuration on server" in resumed.stderr
+    assert_rotated(backend, device, old, device_values={"token": "abc"}, local_values={"token": "abc"})

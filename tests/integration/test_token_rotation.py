@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import tomllib
 
@@ -107,7 +108,7 @@ def test_token_rotation_alternates_ids_and_back(backend, tmp_path):
         if path.is_file():
             assert USER_PIN.encode() not in path.read_bytes(), path
     status = json.loads(run_agent(device, "status", "--json", bin_dir=bin_dir, env=hsm.env).stdout)
-    assert status["certificate"]["file"] == "pkcs11:token=aktualizr;id=03"
+    assert status["certificate"]["file"] == "pkcs11:token=aktualizr;id=%03;type=cert"
 
 
 @pytest.mark.timeout(1500)
@@ -279,3 +280,47 @@ def test_a_full_token_keeps_the_identity_and_resumes_once_there_is_room(backend,
     assert (tmp_path / "second.rc").read_text().strip() == "0", second
     assert p11_ids(device) == ("07", "09")
     assert gateway_get(backend, after, "07", cert_file(after, "09"))[0] == "HTTP/1.1 200 OK"
+
+
+SPY = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so"  # OpenSC's: logs every PKCS#11 call, then makes it
+
+
+@pytest.mark.bad_input("token PIN")
+@pytest.mark.skipif(not os.path.exists(SPY), reason=f"OpenSC's {SPY} is not installed (Debian package opensc)")
+def test_a_refused_pin_reaches_the_token_once_across_runs(backend, tmp_path):
+    """Counted at the token's interface (pkcs11-spy between the agent and SoftHSM2):
+    neither the agent nor pkcs11-provider, loaded for event delivery, tries it again."""
+    device, hsm = token_device(backend, tmp_path, "tok-spy")
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+    edit_sota(device, f'module = "{hsm.module}"', f'module = "{SPY}"')
+    edit_sota(device, f'pass = "{USER_PIN}"', 'pass = "11112222"')
+    spy_log = tmp_path / "spy.log"
+    env = {**hsm.env, "PKCS11SPY": hsm.module, "PKCS11SPY_OUTPUT": str(spy_log)}
+    logins = []
+    for command in (["rotate", "--rotation-id", "certs-1"], ["check"], ["check"]):
+        run = run_agent(device, *command, bin_dir=bin_dir, env=env)
+        assert run.returncode == 1, run.stderr
+        logins.append(spy_log.read_text().count("C_Login") if spy_log.exists() else 0)
+        spy_log.unlink(missing_ok=True)
+    assert logins == [1, 0, 0]
+
+
+@pytest.mark.bad_input("token identity changed by another tool")
+def test_a_rotation_whose_ids_another_tool_moved_is_not_resumed(backend, tmp_path):
+    """fioconfig's own rotation moved sota.toml to 07/09 while certrotate's was journaled
+    from 01/03: resuming would clear id 07, which is now the live key."""
+    device, hsm = token_device(backend, tmp_path, "tok-moved")
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+    killed = run_agent(device, "rotate", "--rotation-id", "certs-1", bin_dir=bin_dir,
+                       env={**hsm.env, "CERTROTATE_CRASH_AT": "journal:started"})
+    assert killed.returncode == -signal.SIGKILL
+    hsm.tool("--keypairgen", "--key-type", "EC:prime256v1", "--id", "07", "--label", "tls", "--usage-sign")
+    theirs = hsm.public_key_der("07")
+    edit_sota(device, 'tls_pkey_id = "01"', 'tls_pkey_id = "07"')
+    edit_sota(device, 'tls_clientcert_id = "03"', 'tls_clientcert_id = "09"')
+    resumed = run_agent(device, "check", bin_dir=bin_dir, env=hsm.env)
+    assert resumed.returncode == 2, resumed.stderr
+    assert "began from 01/03, but sota.toml now names 07/09" in resumed.stderr
+    assert hsm.public_key_der("07") == theirs
