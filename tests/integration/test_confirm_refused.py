@@ -23,21 +23,26 @@ from agentdevice import (
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_refused_certificate_reverts_then_resumes(backend, tmp_path):
-    device, old = new_device(backend, tmp_path, "dev-r", device_values={"token": "abc"},
+def finalized_then_refused(backend, tmp_path, name: str, rotation_id: str):
+    """A device stopped right after finalize, whose new key the gateway no longer expects."""
+    device, old = new_device(backend, tmp_path, name, device_values={"token": "abc"},
                              local_values={"token": "abc"})
     bin_dir = tmp_path / "bin"
     fake_systemctl(bin_dir)
-
-    killed = run_agent(device, "rotate", "--rotation-id", "certs-7", bin_dir=bin_dir,
+    killed = run_agent(device, "rotate", "--rotation-id", rotation_id, bin_dir=bin_dir,
                        env={"CERTROTATE_CRASH_AT": "journal:finalize"})
     assert killed.returncode == -signal.SIGKILL
-    assert active_identity(device)[0].name == "pkey-certs-7.pem"
+    assert active_identity(device)[0].name == f"pkey-{rotation_id}.pem"
     other = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     announced = backend.gateway(device, "PATCH", "/device", key=old.key, cert=old.cert,
                                 json={"next_pubkey": other})
     assert announced.status_code == 200, announced.text
+    return device, old, bin_dir
+
+
+def test_refused_certificate_reverts_then_resumes(backend, tmp_path):
+    device, old, bin_dir = finalized_then_refused(backend, tmp_path, "dev-r", "certs-7")
 
     failed = run_agent(device, "check", bin_dir=bin_dir)
     assert failed.returncode == 1, failed.stderr
@@ -73,17 +78,7 @@ def test_a_revert_cut_short_resumes_from_the_lock_step_and_keeps_the_identity(ba
     """Killed just after sota.toml is pointed back at the old identity: the journal already
     says "resume from the lock step", so the next run installs the new identity again,
     and never confirms and retires while sota.toml names the old one."""
-    device, old = new_device(backend, tmp_path, "dev-rc", device_values={"token": "abc"},
-                             local_values={"token": "abc"})
-    bin_dir = tmp_path / "bin"
-    fake_systemctl(bin_dir)
-    killed = run_agent(device, "rotate", "--rotation-id", "certs-8", bin_dir=bin_dir,
-                       env={"CERTROTATE_CRASH_AT": "journal:finalize"})
-    assert killed.returncode == -signal.SIGKILL
-    other = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    assert backend.gateway(device, "PATCH", "/device", key=old.key, cert=old.cert,
-                           json={"next_pubkey": other}).status_code == 200
+    device, old, bin_dir = finalized_then_refused(backend, tmp_path, "dev-rc", "certs-8")
     cut = run_agent(device, "check", bin_dir=bin_dir, env={"CERTROTATE_CRASH_AT": "confirm:revert-sota-0"})
     assert cut.returncode == -signal.SIGKILL
     assert active_identity(device)[0] == old.device_key_file
