@@ -63,26 +63,21 @@ class SoftHsm:
 
     def objects(self) -> list[tuple[str, str, str]]:
         """(class, id, label) of every object in the token, sorted."""
-        listing = self.tool("--list-objects").stdout
-        found = []
-        for block in re.split(r"\n(?=\S)", listing):
-            kind = re.match(r"(Private Key|Public Key|Certificate|Secret Key|Data) Object", block)
-            if not kind:
-                continue
-            label = re.search(r"label:\s*(.*)", block)
-            ident = re.search(r"ID:\s*(\S+)", block)
-            found.append((kind.group(1), ident.group(1) if ident else "", label.group(1).strip() if label else ""))
-        return sorted(found)
+        return parse_objects(self.tool("--list-objects").stdout)
 
     def public_key_der(self, key_id: str) -> bytes:
         out = self.dir / f"pub-{key_id}.der"
         self.tool("--read-object", "--type", "pubkey", "--id", key_id, "--output-file", str(out))
         return out.read_bytes()
 
-    def cert_der(self, cert_id: str) -> bytes:
+    def cert_file(self, cert_id: str) -> Path:
+        """The certificate at ``cert_id``, read out of the token into a DER file."""
         out = self.dir / f"cert-{cert_id}.der"
         self.tool("--read-object", "--type", "cert", "--id", cert_id, "--output-file", str(out), login=False)
-        return out.read_bytes()
+        return out
+
+    def cert_der(self, cert_id: str) -> bytes:
+        return self.cert_file(cert_id).read_bytes()
 
     def openssl_env(self) -> dict:
         """The environment for `openssl` with pkcs11-provider on this token (PIN in a 0600 file)."""
@@ -105,6 +100,19 @@ class SoftHsm:
         shutil.rmtree(copy.tokens)
         shutil.copytree(self.tokens, copy.tokens)
         return copy
+
+
+def parse_objects(listing: str) -> list[tuple[str, str, str]]:
+    """(class, id, label) of each object `pkcs11-tool --list-objects` printed, sorted."""
+    found = []
+    for block in re.split(r"\n(?=\S)", listing):
+        kind = re.match(r"(Private Key|Public Key|Certificate|Secret Key|Data) Object", block)
+        if not kind:
+            continue
+        label = re.search(r"label:\s*(.*)", block)
+        ident = re.search(r"ID:\s*(\S+)", block)
+        found.append((kind.group(1), ident.group(1) if ident else "", label.group(1).strip() if label else ""))
+    return sorted(found)
 
 
 def register_token_device(backend, hsm: SoftHsm, name: str, out: Path, *register_args: str,

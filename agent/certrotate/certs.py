@@ -68,7 +68,12 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def public_pem(key: ec.EllipticCurvePrivateKey) -> str:
-    return key.public_key().public_bytes(
+    return public_key_pem(key.public_key())
+
+
+def public_key_pem(public_key) -> str:
+    """SubjectPublicKeyInfo PEM: how the journal and the gateway name a public key."""
+    return public_key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     ).decode()
 

@@ -173,9 +173,6 @@ class FileKeyStore(KeyStore):
         certificate that is a symlink is unlinked itself; the file it points to is
         wiped with it only when that is the device's own file in aktualizr-lite's
         storage (storage.path, /var/sota): a file elsewhere is someone else's."""
-        if (self.sota.key_file, self.sota.cert_file) != (rotation.new_key_file, rotation.new_cert_file):
-            raise config.ConfigError("sota.toml does not name the new identity: the old one is not removed",
-                                     hint="check sota.toml's import paths; run certrotate rotate again")
         keep = {rotation.new_key_file, rotation.new_cert_file}
         storage = Path(os.path.realpath(self.root(self.sota.storage_path)))
         kept_files = {Path(os.path.realpath(self.root(device_path))) for device_path in keep}

@@ -53,12 +53,6 @@ def write_token_local_config(device, hsm: SoftHsm, key_id: str, values: dict) ->
     path.chmod(0o600)
 
 
-def cert_file(hsm: SoftHsm, cert_id: str):
-    path = hsm.dir / f"client-{cert_id}.der"
-    path.write_bytes(hsm.cert_der(cert_id))
-    return path
-
-
 def assert_token_rotated(backend, device, hsm: SoftHsm, old: SoftHsm, ids: tuple[str, str],
                          old_ids: tuple[str, str]) -> None:
     key_id, cert_id = ids
@@ -67,9 +61,9 @@ def assert_token_rotated(backend, device, hsm: SoftHsm, old: SoftHsm, ids: tuple
     assert hsm.objects() == sorted([("Certificate", cert_id, "client"), ("Private Key", key_id, "tls"),
                                     ("Public Key", key_id, "tls")])
     # The gateway accepts the new identity and refuses the old one (kept in a copy of the token).
-    new_cert = cert_file(hsm, cert_id)
+    new_cert = hsm.cert_file(cert_id)
     assert gateway_get(backend, hsm, key_id, new_cert)[0] == "HTTP/1.1 200 OK"
-    refused = gateway_get(backend, old, old_ids[0], cert_file(old, old_ids[1]))[0]
+    refused = gateway_get(backend, old, old_ids[0], old.cert_file(old_ids[1]))[0]
     assert refused.startswith("HTTP/1.1 403"), refused
     # The device config, on the server and locally, decrypts through the token (its ECDH).
     token_key = DerivingKey(hsm, key_id)
@@ -141,7 +135,7 @@ def assert_identity_intact(backend, device, hsm: SoftHsm, objects_before) -> Non
     """Still on its first identity, which the gateway accepts; nothing lost in the token."""
     assert p11_ids(device) == ("01", "03")
     assert [o for o in hsm.objects() if o[1] in ("01", "03")] == objects_before
-    assert gateway_get(backend, hsm, "01", cert_file(hsm, "03"))[0] == "HTTP/1.1 200 OK"
+    assert gateway_get(backend, hsm, "01", hsm.cert_file("03"))[0] == "HTTP/1.1 200 OK"
 
 
 @pytest.mark.bad_input("PKCS#11 module")
@@ -233,7 +227,7 @@ def test_a_token_without_ecdh_rotates_a_device_without_encrypted_config(backend,
     result = run_agent(device, "rotate", bin_dir=bin_dir, env=hsm.env)
     assert result.returncode == 0, result.stderr
     assert p11_ids(device) == ("07", "09")
-    assert gateway_get(backend, hsm, "07", cert_file(hsm, "09"))[0] == "HTTP/1.1 200 OK"
+    assert gateway_get(backend, hsm, "07", hsm.cert_file("09"))[0] == "HTTP/1.1 200 OK"
 
 
 @pytest.mark.bad_input("token full")
@@ -279,7 +273,7 @@ def test_a_full_token_keeps_the_identity_and_resumes_once_there_is_room(backend,
     second = (tmp_path / "second.out").read_text()
     assert (tmp_path / "second.rc").read_text().strip() == "0", second
     assert p11_ids(device) == ("07", "09")
-    assert gateway_get(backend, after, "07", cert_file(after, "09"))[0] == "HTTP/1.1 200 OK"
+    assert gateway_get(backend, after, "07", after.cert_file("09"))[0] == "HTTP/1.1 200 OK"
 
 
 SPY = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so"  # OpenSC's: logs every PKCS#11 call, then makes it

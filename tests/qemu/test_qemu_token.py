@@ -23,7 +23,7 @@ import qemu_image as image
 from qemu_checks import RENEWAL_DUE_AT_ONCE
 from qemu_guest import TEST_DIR
 from qemu_timing import stage
-from softhsm import SoftHsm, gateway_get, register_token_device
+from softhsm import SoftHsm, gateway_get, parse_objects, register_token_device
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -52,16 +52,9 @@ def wait_online(guest, cert_id: str, since: float | None = None) -> None:
 
 def guest_objects(guest) -> list[tuple[str, str]]:
     """(kind, id) of every object in the guest's token, by pkcs11-tool in the guest."""
-    listing = guest.ssh("export P=$(sed -n 's/^pass = \"\\(.*\\)\"/\\1/p' /var/sota/sota.toml) && "
+    return [(kind, ident) for kind, ident, _ in parse_objects(guest.ssh("export P=$(sed -n 's/^pass = \"\\(.*\\)\"/\\1/p' /var/sota/sota.toml) && "
                         "pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so --token-label aktualizr "
-                        "--login --pin env:P --list-objects").stdout
-    found, kind = [], None
-    for line in listing.splitlines():
-        if "Object;" in line:
-            kind = line.split(" Object;")[0]
-        elif line.strip().startswith("ID:"):
-            found.append((kind, line.split()[-1]))
-    return sorted(found)
+                        "--login --pin env:P --list-objects").stdout)]
 
 
 def token_from_guest(guest, workdir) -> SoftHsm:
@@ -120,12 +113,8 @@ def test_token_identity_rotates_under_systemd_through_a_power_cut(make_guest, mo
     # From the host: the gateway accepts the guest's new identity and refuses the
     # first one (still in the token the host registered).
     now = token_from_guest(guest, scratch / "guest-token")
-    new_cert = now.dir / "client-09.der"
-    new_cert.write_bytes(now.cert_der("09"))
-    assert gateway_get(module_backend, now, "07", new_cert)[0] == "HTTP/1.1 200 OK"
-    old_cert = hsm.dir / "client-03.der"
-    old_cert.write_bytes(hsm.cert_der("03"))
-    assert gateway_get(module_backend, hsm, "01", old_cert)[0].startswith("HTTP/1.1 403")
+    assert gateway_get(module_backend, now, "07", now.cert_file("09"))[0] == "HTTP/1.1 200 OK"
+    assert gateway_get(module_backend, hsm, "01", hsm.cert_file("03"))[0].startswith("HTTP/1.1 403")
     assert "87654321" not in guest.journal()
     sota = tomllib.loads(guest.vm.read("/var/sota/sota.toml"))
     assert sota["tls"]["pkey_source"] == "pkcs11"
