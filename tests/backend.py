@@ -17,6 +17,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
@@ -113,6 +114,12 @@ class Backend:
             time.sleep(0.05)
         self.kill()
         raise AssertionError(f"certrotate-server serve did not write endpoints.json in {START_TIMEOUT}s:\n{self.log}")
+
+    def restart(self) -> "Backend":
+        """`serve` again on the same ports (devices name them); serve reads the CA files at start."""
+        gateway, est = urlsplit(self.gateway_url).port, urlsplit(self.est_url).port
+        self.stop()
+        return self.start(gateway, est)
 
     def register(self, name: str, out: Path, *args: str) -> Path:
         self.cli("devices", "register", name, "--out", str(out), *args)

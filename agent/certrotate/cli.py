@@ -22,7 +22,7 @@ import time
 import json
 from typing import Callable
 
-from . import policy
+from . import anchors, policy
 from .config import ConfigError, Root, check_est_url, load_agent, load_sota
 
 log = logging.getLogger("certrotate")
@@ -68,6 +68,7 @@ def open_context(edges: Edges, lock_wait: float = 0.0):
     keys = keystore.open_store(root, sota, agent, journal)
     directories = {journal.dir, root(agent.config_dir), *keys.work_dirs()}
     directories |= {root(os.path.dirname(origin)) for origin in sota.origins.values()}
+    directories.add(root(os.path.dirname(sota.ca_file)))
     for directory in directories:
         for leftover in fsutil.remove_stale_temps(directory):
             log.info("removed %s, left by an interrupted write", leftover)
@@ -159,11 +160,44 @@ def cmd_check(args, edges: Edges) -> int:
         wrong_clock = policy.wrong_clock(validity, edges.clock())
         if wrong_clock:
             raise wrong_clock
+        anchors_failed = (agent.est_server is not None and anchors.due(state_dir, edges.clock())
+                          and update_anchors(edges) != EXIT_DONE)
         why = policy.due(validity, edges.clock(), agent.lifetime_fraction, agent.max_age_days)
         if why is None:
-            return EXIT_DONE
+            return EXIT_FAILED if anchors_failed else EXIT_DONE
         log.info("certificate %s is due for renewal: %s", sota.cert_file or "in the token", why)
     return rotate(edges, None, None, "renewal policy")
+
+
+def cmd_anchors(args, edges: Edges) -> int:
+    root = edges.root
+    agent = load_agent(root)
+    cert_file = _live_cert_file(root, load_sota(root), agent)
+    wrong_clock = policy.wrong_clock(policy.read_validity(root(agent.state_dir), cert_file), edges.clock())
+    if wrong_clock:  # no certificate's validity can be judged on it, a cross-certificate's neither
+        raise wrong_clock
+    return update_anchors(edges, say_unchanged=True)
+
+
+def update_anchors(edges: Edges, say_unchanged: bool = False) -> int:
+    """Bring the trust anchor file up to date (anchors.update); failures are logged, not raised,
+    so that they never stand in the way of a renewal."""
+    ctx = open_context(edges)
+    try:
+        if ctx.state.current is not None:
+            log.info("trust anchors: not checked while rotation %s is in progress",
+                     ctx.state.current.rotation_id)
+            return EXIT_DONE
+        done = anchors.update(ctx)
+        if done or say_unchanged:
+            log.info("trust anchors: %s", done or "unchanged")
+        return EXIT_DONE
+    except anchors.AnchorError as err:
+        log.error("error: %s", err.args[0])
+        log.error("what to do: %s", err.hint)
+        return err.exit_code
+    finally:
+        ctx.journal.unlock()
 
 
 def _live_cert_file(root: Root, sota, agent):
@@ -303,6 +337,9 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "handler", help="fioconfig's on-changed handler for fio-rotate-certs (reads $CONFIG_FILE)"
     ).set_defaults(func=cmd_handler)
+    commands.add_parser(
+        "anchors", help="update the trust anchors from the EST server's /cacerts now (check does daily)"
+    ).set_defaults(func=cmd_anchors)
     status_cmd = commands.add_parser("status", help="show the certificate and the rotation state")
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     status_cmd.set_defaults(func=cmd_status)

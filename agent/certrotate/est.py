@@ -79,6 +79,13 @@ class EstClient:
         """The EST CA's certificates (/cacerts)."""
         return self._certs(self._send("GET", "cacerts"), "cacerts")
 
+    def cacerts_if_changed(self, etag: str | None) -> tuple[list[x509.Certificate] | None, str | None]:
+        """/cacerts and its ETag; None for the certificates when they still have ``etag`` (304)."""
+        reply = self._send("GET", "cacerts", headers={"If-None-Match": etag} if etag else None)
+        if reply.status == 304 and etag:
+            return None, etag
+        return self._certs(reply, "cacerts"), reply.headers.get("ETag")
+
     def simplereenroll(self, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
         """Re-enroll, authenticated by the client certificate; the certificates returned."""
         return self._enroll("simplereenroll", csr, {})

@@ -395,7 +395,7 @@ def _check_chain(leaf, anchors, intermediates, now) -> None:
             return
         parent = next(
             (ca for ca in intermediates
-             if tbs_parts(ca).subject == issuer_name and _can_sign_certs(ca) and signed_by(cert, ca)),
+             if tbs_parts(ca).subject == issuer_name and can_sign_certs(ca) and signed_by(cert, ca)),
             None,
         )
         if parent is None:
@@ -413,7 +413,7 @@ def _check_chain(leaf, anchors, intermediates, now) -> None:
     )
 
 
-def _can_sign_certs(cert: x509.Certificate) -> bool:
+def can_sign_certs(cert: x509.Certificate) -> bool:
     if not _is_ca(cert):
         return False
     key_usage = _extension(cert, x509.KeyUsage)

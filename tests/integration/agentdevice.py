@@ -16,6 +16,9 @@ import sys
 import tomllib
 from pathlib import Path
 
+import requests
+from cryptography import x509
+
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from certrotate import ecies
@@ -168,6 +171,30 @@ def assert_rotated(backend, device_root: Path, old: OldIdentity, *,
     state = json.loads((device_root / "var/sota/certrotate/state.json").read_text())
     assert state["current"] is None
     return key_file, cert_file
+
+
+def anchors_of(device_root: Path) -> list[str]:
+    """The subject CNs of the certificates in the device's trust anchor file, in order."""
+    found = x509.load_pem_x509_certificates((device_root / "var/sota/root.crt").read_bytes())
+    return [c.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value for c in found]
+
+
+def reaches_gateway(backend, device_root: Path) -> bool:
+    """Whether the device's identity gets through, the gateway verified against the device's own
+    anchor file (as aktualizr-lite and fioconfig verify it)."""
+    key, cert = active_identity(device_root)
+    try:
+        reply = requests.get(backend.gateway_url + "/device", cert=(str(cert), str(key)),
+                             verify=str(device_root / "var/sota/root.crt"), timeout=30)
+    except requests.exceptions.SSLError:
+        return False
+    return reply.status_code == 200
+
+
+def restarts(bin_dir: Path) -> list[str]:
+    """The restarts fake_systemctl was asked for, in order."""
+    log = bin_dir / "systemctl.log"
+    return [line for line in log.read_text().splitlines() if line.startswith("restart")] if log.exists() else []
 
 
 def event_lines(backend, device: str, rotation_id: str) -> list[str]:

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from agentdevice import assert_rotated, fake_systemctl, new_device, run_agent
+from agentdevice import fake_systemctl, new_device, run_agent
 from backend import device_identity
 from pki import DAY, Authority, new_key, utcnow
 

@@ -33,6 +33,15 @@ def seed_device_config(backend, name: str, device_tree: Path) -> None:
     local.chmod(0o600)
 
 
+def assert_online(guest: Guest) -> None:
+    """The device reaches the gateway with the identity sota.toml names, and
+    the kernel saw no filesystem error."""
+    _, cert_path = guest.identity_paths()
+    guest.wait_standin_ok(cert_path, timeout=180)
+    errors = guest.ssh("dmesg | grep -i 'EXT4-fs error' || true").stdout
+    assert not errors.strip(), errors
+
+
 def gateway_accepts(backend, key: Path, cert: Path) -> bool:
     """Whether the gateway serves GET /device to this identity (a refused
     handshake or an error status both count as refusal)."""

@@ -16,6 +16,7 @@ from qemu_vm import HOST_FROM_GUEST, VM
 # certrotate.service may write only below /var/sota (ProtectSystem=strict);
 # the test's trace and pause files get a directory of their own.
 TEST_DIR = "/var/lib/certrotate-qemu-test"
+PAUSE_NOTIFY = f"{TEST_DIR}/paused"
 DROPIN = "/etc/systemd/system/certrotate.service.d/qemu-test.conf"
 STANDIN_STATUS = "/run/sota-standin/{}.json"
 
@@ -128,6 +129,13 @@ class Guest:
                      f"printf %s {shlex.quote(dropin)} > {DROPIN} && systemctl daemon-reload")
         else:
             self.ssh(f"rm -f {DROPIN} && systemctl daemon-reload")
+
+    def pause_agent_at(self, point: str, timeout: float = 600) -> None:
+        """Start certrotate.service and wait until the agent sleeps at crash point ``point``
+        (the caller then cuts the power)."""
+        self.set_agent_environment(CERTROTATE_PAUSE_AT=point, CERTROTATE_PAUSE_NOTIFY=PAUSE_NOTIFY)
+        self.ssh(f"rm -f {PAUSE_NOTIFY} && sync && systemctl start --no-block certrotate.service")
+        self.vm.wait_for(f"grep -qx {point} {PAUSE_NOTIFY}", timeout=timeout)
 
     def run_certrotate_service(self, timeout: float = 600):
         """``systemctl start certrotate.service`` (oneshot: returns when the agent exits)."""

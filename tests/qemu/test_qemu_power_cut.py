@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import qemu_image as image
-from qemu_checks import RENEWAL_DUE_AT_ONCE, assert_rotated, gateway_accepts, seed_device_config
+from qemu_checks import RENEWAL_DUE_AT_ONCE, assert_online, assert_rotated, gateway_accepts, seed_device_config
 from qemu_guest import TEST_DIR
 from qemu_timing import stage
 
@@ -29,7 +29,6 @@ pytestmark = pytest.mark.timeout(1800)
 
 NAME = "dev-cuts"
 TRACE = f"{TEST_DIR}/trace"
-NOTIFY = f"{TEST_DIR}/paused"
 SITELIB = "/usr/lib/python3/dist-packages"
 # Step keys of agent/certrotate/rotation.py's STEPS, in order (steps 1-8 of
 # docs/contracts.md); step 0 and the completion are cut at fixed points.
@@ -98,15 +97,6 @@ def agent_version(guest) -> str:
                      "print(certrotate.__version__, m.version(\"certrotate\"))'").stdout.strip()
 
 
-def assert_online(guest) -> None:
-    """The device reaches the gateway with the identity sota.toml names, and
-    the kernel saw no filesystem error."""
-    _, cert_path = guest.identity_paths()
-    guest.wait_standin_ok(cert_path, timeout=180)
-    errors = guest.ssh("dmesg | grep -i 'EXT4-fs error' || true").stdout
-    assert not errors.strip(), errors
-
-
 def test_power_cut_in_every_step_converges(make_guest, module_backend, install_layer_payload, scratch, ota_update):
     guest = make_guest(NAME, module_backend, lambda tree: (seed_device_config(module_backend, NAME, tree),
                                                            due_at_once(tree)))
@@ -128,9 +118,7 @@ def test_power_cut_in_every_step_converges(make_guest, module_backend, install_l
         old_trees = [f"{SITELIB}/certrotate", *guest.ssh(f"ls -d {SITELIB}/certrotate-*.dist-info").stdout.split()]
     rotation_id = None
     for step, point in points:
-        guest.set_agent_environment(CERTROTATE_PAUSE_AT=point, CERTROTATE_PAUSE_NOTIFY=NOTIFY)
-        guest.ssh(f"rm -f {NOTIFY} && sync && systemctl start --no-block certrotate.service")
-        guest.vm.wait_for(f"grep -qx {point} {NOTIFY}", timeout=300)
+        guest.pause_agent_at(point, timeout=300)
         rotation_id = rotation_id or guest.status()["rotation"]["id"]
         assert rotation_id != first_id
         guest.power_cut()

@@ -21,14 +21,12 @@ import pytest
 
 import qemu_image as image
 from qemu_checks import RENEWAL_DUE_AT_ONCE
-from qemu_guest import TEST_DIR
 from qemu_timing import stage
 from softhsm import SoftHsm, gateway_get, parse_objects, register_token_device
 
 pytestmark = pytest.mark.timeout(1500)
 
 NAME = "dev-token"
-NOTIFY = f"{TEST_DIR}/paused"
 CUT_AT = "finalize:p11-cert"
 GUEST_TOKENS = "/var/lib/softhsm/tokens"
 
@@ -88,9 +86,7 @@ def test_token_identity_rotates_under_systemd_through_a_power_cut(make_guest, mo
     guest.ssh("systemctl stop certrotate.timer")  # the test starts the agent itself
     wait_online(guest, "03")
 
-    guest.set_agent_environment(CERTROTATE_PAUSE_AT=CUT_AT, CERTROTATE_PAUSE_NOTIFY=NOTIFY)
-    guest.ssh(f"rm -f {NOTIFY} && sync && systemctl start --no-block certrotate.service")
-    guest.vm.wait_for(f"grep -qx {CUT_AT} {NOTIFY}", timeout=600)
+    guest.pause_agent_at(CUT_AT)
     guest.power_cut()
 
     guest.boot(f"after a cut at {CUT_AT}")
