@@ -74,7 +74,8 @@ def update(ctx) -> str | None:
     current = _read(anchor_file, ctx.sota.ca_file)
     if state.get("pending"):
         if state["pending"] == _digest(current):
-            return _restart_and_record(ctx, state, current, "restarted the units left to restart")
+            # The ETag of that reply was not kept: the next check asks for the whole set.
+            return _restart_and_record(ctx, state, current, None, "restarted the units left to restart")
         state["pending"] = None  # cut before the rename: the file is the old one
 
     if not ctx.agent.est_server:
@@ -99,11 +100,12 @@ def update(ctx) -> str | None:
     if retired:
         for url in (ctx.sota.gateway_url, ctx.agent.est_server):
             _check_server_verifies(url, bundle, ctx.agent.request_deadline)
-    state.update(pending=_digest(bundle), etag=etag)
+    # Not the new ETag yet: cut before the rename, it would vouch for the old file.
+    state["pending"] = _digest(bundle)
     _save(state_dir, state, point="anchors:pending")
     fsutil.atomic_write(anchor_file, bundle, 0o644, point="anchors:bundle")
     names = "; ".join([f"added {_name(c)}" for c in added] + [f"removed {_name(c)} (retired)" for c in retired])
-    return _restart_and_record(ctx, state, bundle, f"{ctx.sota.ca_file}: {names}")
+    return _restart_and_record(ctx, state, bundle, etag, f"{ctx.sota.ca_file}: {names}")
 
 
 def plan(trusted: list, served: list, now: float) -> tuple[bytes, list, list]:
@@ -211,7 +213,7 @@ def _check_server_verifies(url: str, bundle: bytes, timeout: float) -> None:
                           hint="check the network; the next check tries again") from err
 
 
-def _restart_and_record(ctx, state: dict, bundle: bytes, done: str) -> str:
+def _restart_and_record(ctx, state: dict, bundle: bytes, etag: str | None, done: str) -> str:
     """Restart the units that read the anchor file, then clear ``pending``."""
     from .systemd import SystemdError
 
@@ -222,7 +224,7 @@ def _restart_and_record(ctx, state: dict, bundle: bytes, done: str) -> str:
         raise AnchorError(f"the trust anchors changed but {err}", hint=err.hint) from err
     crashpoints.reach("anchors:restarted")
     state["pending"] = None
-    _record(ctx.journal.dir, state, bundle, state.get("etag"), ctx.clock())
+    _record(ctx.journal.dir, state, bundle, etag, ctx.clock())
     return f"{done}; restarted {', '.join(units) if units else 'no unit (none active)'}"
 
 

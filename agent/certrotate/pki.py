@@ -387,30 +387,42 @@ def _check_client_auth(leaf: x509.Certificate) -> None:
 
 
 def _check_chain(leaf, anchors, intermediates, now) -> None:
-    cert = leaf
-    for _ in range(MAX_CHAIN + 1):
-        issuer_name = tbs_parts(cert).issuer
-        if any(tbs_parts(anchor).subject == issuer_name and signed_by(cert, anchor)
-               for anchor in anchors):
-            return
-        parent = next(
-            (ca for ca in intermediates
-             if tbs_parts(ca).subject == issuer_name and can_sign_certs(ca) and signed_by(cert, ca)),
-            None,
+    """IssuedCertificateError unless some path of ``intermediates`` leads from ``leaf`` to an
+    anchor. Every path is tried: during a root CA rollover a CA's name is both a root
+    (NewWithNew) and a cross-certificate (NewWithOld), and only one of them leads on."""
+    failure = _path_to_anchor(leaf, anchors, intermediates, now, ())
+    if failure is not None:
+        raise failure
+
+
+def _path_to_anchor(cert, anchors, intermediates, now, path) -> IssuedCertificateError | None:
+    """None if ``cert`` chains to an anchor; else why not (the failure of the longest attempt)."""
+    issuer_name = tbs_parts(cert).issuer
+    if any(tbs_parts(anchor).subject == issuer_name and signed_by(cert, anchor) for anchor in anchors):
+        return None
+    if len(path) >= MAX_CHAIN:
+        return IssuedCertificateError(
+            f"the issued certificate's chain is longer than {MAX_CHAIN} CA certificates", hint=_RETRY
         )
-        if parent is None:
-            raise IssuedCertificateError(
-                f"the issued certificate does not chain to the trust anchor: no trusted CA "
-                f"named {cert.issuer.rfc4514_string()!r} "
-                f"signed {cert.subject.rfc4514_string()!r}",
-                hint="the EST server's CA does not chain to the trust anchor in "
-                "import.tls_cacert_path; " + _RETRY,
-            )
-        _check_time(parent, tbs_parts(parent), now, "an intermediate CA certificate")
-        cert = parent
-    raise IssuedCertificateError(
-        f"the issued certificate's chain is longer than {MAX_CHAIN} CA certificates", hint=_RETRY
+    parents = [ca for ca in intermediates
+               if ca not in path and ca is not cert and tbs_parts(ca).subject == issuer_name
+               and can_sign_certs(ca) and signed_by(cert, ca)]
+    failure = IssuedCertificateError(
+        f"the issued certificate does not chain to the trust anchor: no trusted CA "
+        f"named {cert.issuer.rfc4514_string()!r} signed {cert.subject.rfc4514_string()!r}",
+        hint="the EST server's CA does not chain to the trust anchor in "
+        "import.tls_cacert_path; " + _RETRY,
     )
+    for parent in parents:
+        try:
+            _check_time(parent, tbs_parts(parent), now, "an intermediate CA certificate")
+        except IssuedCertificateError as expired:
+            failure = expired
+            continue
+        failure = _path_to_anchor(parent, anchors, intermediates, now, path + (parent,))
+        if failure is None:
+            return None
+    return failure
 
 
 def can_sign_certs(cert: x509.Certificate) -> bool:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from certrotate import ecies
 
-from . import devices, pki
+from . import devices, pki, rollover
 from .devices import DeviceError
 from .factory import DEFAULT_FACTORY, DEFAULT_HOSTNAMES, Factory, FactoryError, init_factory, write_device_tree
 from .httpbase import ConnectionLimits, HttpError, listen_address
@@ -317,6 +317,39 @@ def cmd_est_approve(args) -> int:
     return 0
 
 
+def cmd_ca_rollover(args) -> int:
+    return _ca(rollover.rollover, _factory(args), args.root_ca_key)
+
+
+def cmd_ca_retire_old(args) -> int:
+    return _ca(rollover.retire_old, _factory(args), args.force)
+
+
+def _ca(command, factory: Factory, option) -> int:
+    try:
+        lines = command(factory, option)
+    except (FactoryError, pki.PkiError) as err:
+        raise CliError(str(err)) from None
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_ca_show(args) -> int:
+    factory = _factory(args)
+    state = "in transition (`ca retire-old` ends it)" if factory.in_transition else "single root"
+    print(f"generation {factory.generation}, {state}")
+    names = ["root.crt", "device-ca.crt"]
+    if factory.in_transition:
+        names += ["previous-root.crt", "previous-device-ca.crt", "cross-new-with-old.crt", "cross-old-with-new.crt"]
+    rows = []
+    for name in names:
+        cert = pki.load_cert(factory.path(name))
+        rows.append([name, cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(),
+                     cert.not_valid_after_utc.date().isoformat(), pki.fingerprint(cert)])
+    print(_table(["FILE", "SUBJECT", "ISSUER", "NOT AFTER", "SHA-256"], rows))
+    return 0
+
+
 # Parser ----------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -431,6 +464,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="days after notAfter during which an expired device certificate still renews")
     p.add_argument("--days", type=int, required=True, help="0: never")
     p.set_defaults(func=cmd_est_expired_renewal)
+
+    ca = sub.add_parser("ca", help="root CA key update (RFC 7030 4.1.3)").add_subparsers(dest="ca_command", required=True)
+    p = ca.add_parser("rollover", parents=[common],
+                      help="new root and device CA (issuing from now on), cross-certificates; both roots trusted")
+    p.add_argument("--root-ca-key", type=Path, metavar="FILE",
+                   help="the current root's key, when it was imported (init --root-ca-key): it signs NewWithOld")
+    p.set_defaults(func=cmd_ca_rollover)
+    p = ca.add_parser("retire-old", parents=[common], help="end the transition: the old root is no longer trusted")
+    p.add_argument("--force", action="store_true",
+                   help="even while devices hold no certificate of the new device CA (they are cut off)")
+    p.set_defaults(func=cmd_ca_retire_old)
+    p = ca.add_parser("show", parents=[common], help="the roots, device CAs and cross-certificates in use")
+    p.set_defaults(func=cmd_ca_show)
     return parser
 
 

@@ -58,7 +58,8 @@ def require_device(store: Store, name: str):
 
 def record_certificate(conn, cert: x509.Certificate, device: str, issued_by: str) -> None:
     conn.execute(
-        "INSERT OR IGNORE INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR IGNORE INTO certificates (fingerprint, serial, device, pubkey, not_after, issued_at, "
+        "issued_by, issuer) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             pki.fingerprint(cert),
             format(cert.serial_number, "x"),
@@ -67,6 +68,7 @@ def record_certificate(conn, cert: x509.Certificate, device: str, issued_by: str
             cert.not_valid_after_utc.isoformat(),
             utcnow(),
             issued_by,
+            cert.issuer.rfc4514_string(),
         ),
     )
 

@@ -98,8 +98,16 @@ class EstHandler(BaseHandler):
                   {"Content-Transfer-Encoding": "base64"})
 
     def cacerts(self):
-        ca_cert, _ = self.server.app.factory.device_ca()
-        self.send_b64(pki.certs_only_pkcs7([ca_cert, self.server.app.root_cert]), PKCS7_CERTS_ONLY)
+        """The factory's CA certificates (Factory.cacerts), with an ETag: devices ask daily
+        whether the root changed, and a 304 answers them in a few bytes."""
+        app = self.server.app
+        etag = {"ETag": app.cacerts_etag}
+        asked = [tag.strip() for tag in self.headers.get("If-None-Match", "").split(",")]
+        if app.cacerts_etag in asked or "*" in asked:
+            self.send(304, headers=etag)
+            return
+        self.send(200, b64_body(app.cacerts, self.settings.b64_line_length), PKCS7_CERTS_ONLY,
+                  {"Content-Transfer-Encoding": "base64", **etag})
 
     def csrattrs(self):
         self.send_b64(CSR_ATTRS_DER, "application/csrattrs")
@@ -116,8 +124,7 @@ class EstHandler(BaseHandler):
         cert = self.peer_cert()
         if cert is None:
             return None
-        ca_cert, _ = self.server.app.factory.device_ca()
-        if cert.issuer != ca_cert.subject:
+        if cert.issuer not in self.server.app.device_ca_subjects:
             return None
         if devices.is_denied(self.server.app.store, cert):
             raise HttpError(403, "this certificate is deny-listed (replaced by a key rotation); use the current one")

@@ -4,8 +4,10 @@ Layout of DIR:
   factory.json        settings (no secrets but the EST password's scrypt hash)
   root.crt/.key       root CA (~30 y); .key only when created here, 0600
   device-ca.crt/.key  online device CA (~25 y) used by EST and registration
-  gateway.crt/.key    TLS server certificate of the device gateway
-  est.crt/.key        TLS server certificate of the EST server
+  gateway.crt/.key    TLS server certificate of the device gateway (and, during
+                      a root CA rollover, the NewWithOld cross-certificate)
+  est.crt/.key        TLS server certificate of the EST server (likewise)
+  previous-*, cross-*, retired/  a root CA rollover's (rollover.py)
   est-password        the generated EST HTTP Basic password, 0600
   certrotate.db       SQLite store
   endpoints.json      written by `serve` while it runs
@@ -100,8 +102,37 @@ class Factory:
         return self.dir / name
 
     # PKI -------------------------------------------------------------------
+    @property
+    def generation(self) -> int:
+        """1 for the root init made; one more with each `ca rollover`."""
+        return self.settings.get("ca", {}).get("generation", 1)
+
+    @property
+    def in_transition(self) -> bool:
+        """Between `ca rollover` and `ca retire-old`: both roots and device CAs are trusted."""
+        return self.settings.get("ca", {}).get("transition", False)
+
     def root_cert(self) -> x509.Certificate:
         return pki.load_cert(self.path("root.crt"))
+
+    def device_ca_files(self) -> list[Path]:
+        """The CAs whose device certificates the gateway and EST accept."""
+        names = ["device-ca.crt"] + (["previous-device-ca.crt"] if self.in_transition else [])
+        return [self.path(name) for name in names]
+
+    def cacerts(self) -> list[x509.Certificate]:
+        """What /cacerts serves: the issuing device CA and the root, and during a rollover
+        RFC 7030 4.1.3's NewWithOld, OldWithNew and OldWithOld beside NewWithNew (the new
+        root). A PKCS#7 certificate set has no order: clients tell them apart by content."""
+        names = ["device-ca.crt", "root.crt"]
+        if self.in_transition:
+            names += ["cross-new-with-old.crt", "cross-old-with-new.crt", "previous-root.crt"]
+        return [pki.load_cert(self.path(name)) for name in names]
+
+    def trust_bundle(self) -> bytes:
+        """The roots a device is to trust now (its root.crt): the new one first."""
+        names = ["root.crt"] + (["previous-root.crt"] if self.in_transition else [])
+        return b"".join(self.path(name).read_bytes() for name in names)
 
     def device_ca(self):
         """(certificate, key) of the online device CA, loaded once."""
@@ -191,12 +222,7 @@ def init_factory(
     pki.write_private(path / "device-ca.key", pki.key_pem(ca_key))
     pki.write_public(path / "device-ca.crt", pki.cert_pem(pki.make_device_ca(name, ca_key, root_cert, root_key)))
 
-    for role in ("gateway", "est"):
-        key = pki.new_key()
-        cert = pki.make_tls_server_cert(f"{name} {role}", hostnames, key, root_cert, root_key)
-        pki.write_private(path / f"{role}.key", pki.key_pem(key))
-        # The TLS chain: leaf only; devices trust root.crt, which signed it directly.
-        pki.write_public(path / f"{role}.crt", pki.cert_pem(cert))
+    write_tls_server_certs(path, name, hostnames, root_cert, root_key)
 
     if est_password is None:
         est_password = secrets.token_urlsafe(18)
@@ -221,6 +247,17 @@ def init_factory(
     }
     pki.write_public(path / "factory.json", (json.dumps(settings, indent=2) + "\n").encode())
     return Factory(path)
+
+
+def write_tls_server_certs(directory: Path, name: str, hostnames: list[str], root_cert, root_key,
+                           chain: list[x509.Certificate] = ()) -> None:
+    """gateway.crt/.key and est.crt/.key, signed by the root; each .crt is the TLS chain:
+    the leaf, then ``chain`` (devices trust the root, which signed the leaf)."""
+    for role in ("gateway", "est"):
+        key = pki.new_key()
+        cert = pki.make_tls_server_cert(f"{name} {role}", hostnames, key, root_cert, root_key)
+        pki.write_private(directory / f"{role}.key", pki.key_pem(key))
+        pki.write_public(directory / f"{role}.crt", b"".join(pki.cert_pem(c) for c in [cert, *chain]))
 
 
 SOTA_TOML = """\
@@ -295,7 +332,7 @@ def write_device_tree(
     if key is not None:  # None: the device keeps its key itself (a token)
         pki.write_private(sota / "pkey.pem", pki.key_pem(key))
     pki.write_public(sota / "client.pem", pki.cert_pem(cert))
-    pki.write_public(sota / "root.crt", factory.path("root.crt").read_bytes())
+    pki.write_public(sota / "root.crt", factory.trust_bundle())
     pki.write_public(
         sota / "sota.toml",
         SOTA_TOML.format(gateway=_toml_string(gateway_url.rstrip("/")), hardware_id=hardware_id).encode(),

@@ -159,9 +159,14 @@ def _ca_extensions(builder, path_length: int | None):
     )
 
 
-def make_root_ca(factory: str, key) -> x509.Certificate:
+def generation_suffix(generation: int) -> str:
+    """The first root and device CA keep their names; each rollover's carry its generation."""
+    return "" if generation == 1 else f" {generation}"
+
+
+def make_root_ca(factory: str, key, generation: int = 1) -> x509.Certificate:
     now = _now()
-    name = _name(f"{factory} root CA", factory)
+    name = _name(f"{factory} root CA{generation_suffix(generation)}", factory)
     builder = _ca_extensions(
         _builder(name, name, key.public_key(), now - BACKDATE, now + dt.timedelta(days=ROOT_CA_DAYS)),
         path_length=1,
@@ -169,17 +174,32 @@ def make_root_ca(factory: str, key) -> x509.Certificate:
     return builder.sign(key, hashes.SHA256())
 
 
-def make_device_ca(factory: str, key, root_cert: x509.Certificate, root_key) -> x509.Certificate:
+def make_device_ca(factory: str, key, root_cert: x509.Certificate, root_key, generation: int = 1) -> x509.Certificate:
     now = _now()
     not_after = min(now + dt.timedelta(days=DEVICE_CA_DAYS), root_cert.not_valid_after_utc)
     builder = _ca_extensions(
-        _builder(_name(f"{factory} device CA", factory), root_cert.subject, key.public_key(),
+        _builder(_name(f"{factory} device CA{generation_suffix(generation)}", factory), root_cert.subject,
+                 key.public_key(),
                  now - BACKDATE, not_after),
         path_length=0,
     ).add_extension(
         x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False
     )
     return builder.sign(root_key, hashes.SHA256())
+
+
+def make_cross_cert(subject_cert: x509.Certificate, issuer_cert: x509.Certificate, issuer_key) -> x509.Certificate:
+    """RFC 4210 4.4's NewWithOld / OldWithNew: ``subject_cert``'s root (its name and key)
+    certified by the other root, so a chain ending in either is trusted by holders of both."""
+    now = _now()
+    not_after = min(subject_cert.not_valid_after_utc, issuer_cert.not_valid_after_utc)
+    builder = _ca_extensions(
+        _builder(subject_cert.subject, issuer_cert.subject, subject_cert.public_key(), now - BACKDATE, not_after),
+        path_length=1,
+    ).add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
+    )
+    return builder.sign(issuer_key, hashes.SHA256())
 
 
 def make_tls_server_cert(cn: str, hostnames: list[str], key, root_cert, root_key) -> x509.Certificate:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -27,12 +28,15 @@ SHUTDOWN_POLL_SECONDS = 0.05
 
 
 class App:
-    """What request handlers share: the factory, its store, its root certificate."""
+    """What request handlers share: the factory, its store, what /cacerts serves."""
 
     def __init__(self, factory: Factory):
         self.factory = factory
         self.store = Store(factory.db_path)
-        self.root_cert = factory.root_cert()
+        self.cacerts = pki.certs_only_pkcs7(factory.cacerts())
+        self.cacerts_etag = f'"{hashlib.sha256(self.cacerts).hexdigest()}"'
+        # Whose device certificates EST renews: the device CA, and during a rollover the old one.
+        self.device_ca_subjects = {pki.load_cert(path).subject for path in factory.device_ca_files()}
         self.password_guard = PasswordGuard()
         factory.device_ca()  # fail at start, not on the first request
 
@@ -78,16 +82,16 @@ def serve(factory: Factory, gateway_listen: tuple[str, int], est_listen: tuple[s
     _prepare_for_many_connections()
     app = App(factory)
     connections = ConnectionTable(limits)
-    device_ca = str(factory.path("device-ca.crt"))
+    device_cas = [str(path) for path in factory.device_ca_files()]
     gateway = TlsHttpServer(
         gateway_listen, GatewayHandler,
-        server_context(factory.path("gateway.crt"), factory.path("gateway.key"), ssl.CERT_REQUIRED, [device_ca]),
+        server_context(factory.path("gateway.crt"), factory.path("gateway.key"), ssl.CERT_REQUIRED, device_cas),
         app, connections,
     )
     est = TlsHttpServer(
         est_listen, EstHandler,
         # EST judges a client certificate's validity itself: an expired one may still renew.
-        server_context(factory.path("est.crt"), factory.path("est.key"), ssl.CERT_OPTIONAL, [device_ca],
+        server_context(factory.path("est.crt"), factory.path("est.key"), ssl.CERT_OPTIONAL, device_cas,
                        client_validity_checked=False),
         app, connections,
     )

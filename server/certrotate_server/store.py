@@ -105,6 +105,13 @@ MIGRATIONS: list[tuple[int, str]] = [
             FROM config_files GROUP BY scope, owner
         """,
     ),
+    (
+        3,
+        # The issuing CA's Subject (RFC 4514): `ca retire-old` finds the devices
+        # that hold no certificate of the new device CA. NULL: issued before this
+        # version, so before any rollover (by the first device CA).
+        "ALTER TABLE certificates ADD COLUMN issuer TEXT",
+    ),
 ]
 
 

@@ -1,6 +1,5 @@
 import datetime
 import json
-import os
 import socket
 import subprocess
 import sys

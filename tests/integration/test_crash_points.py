@@ -11,12 +11,15 @@ secret, and the events ending with CertRotationCompleted success.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 
 import pytest
 
-from agentdevice import assert_rotated, event_lines, fake_systemctl, new_device, run_agent
+from agentdevice import (
+    anchors_of, assert_rotated, event_lines, fake_systemctl, new_device, reaches_gateway, restarts, run_agent,
+)
 
 CHECK_RUNS = 5
 DEVICE_VALUES = {"db-password": "hunter2"}
@@ -94,3 +97,59 @@ def crash_at_every_point(backend, tmp_path, make_device) -> list[str]:
     print(f"crash points covered: {len(points)} ({len(points) - len(failures)} recovered)")
     assert not failures, "\n".join(failures)
     return points
+
+
+ANCHOR_DEVICES = 10  # more than the points a trust anchor update reaches
+
+
+@pytest.mark.timeout(900)
+def test_every_trust_anchor_crash_point_recovers(backend, tmp_path):
+    """The device's trust anchor update (anchors.py), cut at each of its points, in both
+    directions: the new root joining after `ca rollover`, the old one leaving after
+    `ca retire-old`. After each cut the device still reaches the gateway with the file it
+    holds; the next run ends with the right roots and the units that read them restarted."""
+    devices = [backend.register(f"anchors-{n}", tmp_path / f"anchors-{n}") for n in range(ANCHOR_DEVICES + 1)]
+    both = ["certrotate-factory root CA", "certrotate-factory root CA 2"]
+    backend.cli("ca", "rollover")
+    backend.restart()
+    covered = anchor_cuts(backend, tmp_path / "join", devices, both)
+    for device in devices:  # onto the new device CA, or retire-old refuses
+        run = run_agent(device, "rotate", bin_dir=fake_systemctl(tmp_path / "join" / device.name).parent)
+        assert run.returncode == 0, run.stderr
+    backend.cli("ca", "retire-old")
+    backend.restart()
+    covered += anchor_cuts(backend, tmp_path / "retire", devices, both[1:])
+    assert {"anchors:pending", "anchors:bundle", "anchors:restarted", "anchors:checked"} <= set(covered)
+
+
+def anchor_cuts(backend, workdir, devices, expected_roots) -> list[str]:
+    """Trace one update on devices[0], then cut each of the others at one of its points."""
+    traced, *others = devices
+    trace = workdir / "points.txt"
+    fake_systemctl(workdir / traced.name)
+    clean = run_agent(traced, "anchors", bin_dir=workdir / traced.name,
+                      env={"CERTROTATE_TRACE_POINTS": str(trace)})
+    assert clean.returncode == 0, clean.stderr
+    points = trace.read_text().split()
+    assert len(points) <= len(others), points
+    failures = []
+    for point, device in zip(points, others):
+        bin_dir = workdir / device.name
+        fake_systemctl(bin_dir)
+        killed = run_agent(device, "anchors", bin_dir=bin_dir, env={"CERTROTATE_CRASH_AT": point})
+        if killed.returncode != -signal.SIGKILL:
+            failures.append(f"{point}: not killed there (exit {killed.returncode}): {killed.stderr}")
+            continue
+        if not reaches_gateway(backend, device):
+            failures.append(f"{point}: the device no longer reaches the gateway after the cut")
+        resumed = run_agent(device, "anchors", bin_dir=bin_dir)
+        state = json.loads((device / "var/sota/certrotate/anchors.json").read_text())
+        if resumed.returncode != 0 or anchors_of(device) != expected_roots or state["pending"]:
+            failures.append(f"{point}: after the next run: exit {resumed.returncode}, roots {anchors_of(device)}, "
+                            f"state {state}: {resumed.stderr}")
+        elif not restarts(bin_dir) or not reaches_gateway(backend, device):
+            failures.append(f"{point}: units not restarted ({restarts(bin_dir)}) or gateway unreachable")
+    print(f"\ntrust anchor crash points ({len(points)}, {len(points) - len(failures)} recovered): {' '.join(points)}")
+    assert not failures, "\n".join(failures)
+    return points
+
