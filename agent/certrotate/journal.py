@@ -10,10 +10,13 @@ No key material ever goes in here: the new private key is its own 0600 file
 
 Older schemas are upgraded on load (``_UPGRADES``), so an agent updated by OTA
 in the middle of a rotation resumes the rotation an earlier version began.
-The other way round, a journal is written in the oldest schema that holds
-it: a file rotation stays schema 1 (what agents before token support read),
-and only a rotation of a token-held identity is schema 2, which such an
-agent refuses instead of taking it for a file rotation.
+The other way round (an OTA rollback brings back an older agent), a journal
+is written in the oldest schema that holds it: a file rotation stays schema 1
+(what agents before token support read, and resume), and only a rotation of
+a token-held identity is schema 2. An agent refuses a schema newer than its
+own, with a hint, and never rewrites it: the identity sota.toml names stays
+live, and the newer agent, once back, goes on. tests/agent/fixtures holds one
+journal per schema (state-v1, v2, and v3 as a future agent's).
 """
 
 from __future__ import annotations

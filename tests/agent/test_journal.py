@@ -36,6 +36,21 @@ def test_state_v1_fixture_loads(tmp_path):
     assert state.completed_ids() == {"certs-1690000000"}
 
 
+def test_state_v2_fixture_loads_as_a_token_rotation(tmp_path):
+    (tmp_path / "state.json").write_bytes((FIXTURES / "state-v2.json").read_bytes())
+    rotation = Journal(tmp_path).load().current
+    assert (rotation.key_store, rotation.old_key_id, rotation.new_key_id, rotation.new_cert_id) == (
+        "pkcs11", "01", "07", "09")
+    assert rotation.step == 5 and rotation.new_public_key.startswith("-----BEGIN PUBLIC KEY-----")
+
+
+def test_state_v3_fixture_of_a_future_agent_is_refused_with_a_hint(tmp_path):
+    (tmp_path / "state.json").write_bytes((FIXTURES / "state-v3.json").read_bytes())
+    with pytest.raises(JournalError, match="schema 3") as err:
+        Journal(tmp_path).load()
+    assert "newer agent" in err.value.hint
+
+
 def test_newer_schema_is_refused_with_a_hint(tmp_path):
     (tmp_path / "state.json").write_text('{"schema": 99, "current": null}')
     with pytest.raises(JournalError) as err:

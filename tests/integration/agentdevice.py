@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import tomllib
@@ -61,15 +62,25 @@ def fake_systemctl(directory: Path, active: tuple[str, ...] = ("aktualizr-lite.s
 
 
 def run_agent(device_root: Path, *args: str, bin_dir: Path, env: dict | None = None,
-              timeout: float = AGENT_TIMEOUT, umask: int = -1) -> subprocess.CompletedProcess:
-    """Run the agent on ``device_root``; ``umask`` (-1: the test's own) is the child's."""
+              timeout: float = AGENT_TIMEOUT, umask: int = -1,
+              command: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the agent (``command``, default agent_command()) on ``device_root``; ``umask``
+    (-1: the test's own) is the child's."""
     # INVOCATION_ID tells the agent it runs under systemd: only a test that says so sets it.
     environment = {k: v for k, v in os.environ.items()
                    if not k.startswith("CERTROTATE_") and k != "INVOCATION_ID"}
     environment["PATH"] = f"{bin_dir}:{environment.get('PATH', '/usr/bin:/bin')}"
     environment.update(env or {})
-    return subprocess.run([*agent_command(), "--root", str(device_root), *args],
+    return subprocess.run([*(command or agent_command()), "--root", str(device_root), *args],
                           capture_output=True, text=True, timeout=timeout, env=environment, umask=umask)
+
+
+def stop_after_step_4(device_root: Path, rotation_id: str, *, bin_dir: Path, env: dict | None = None) -> None:
+    """A rotation whose agent died after step 4, sota.toml still naming the old identity
+    (what an OTA update or rollback at that moment leaves)."""
+    killed = run_agent(device_root, "rotate", "--rotation-id", rotation_id, bin_dir=bin_dir,
+                       env={**(env or {}), "CERTROTATE_CRASH_AT": "journal:server_config"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
 
 
 def active_identity(device_root: Path) -> tuple[Path, Path]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import qemu_image as image
+from history import older_agent_package
 from qemu_checks import RENEWAL_DUE_AT_ONCE, assert_online, assert_rotated, gateway_accepts, seed_device_config
 from qemu_guest import TEST_DIR
 from qemu_timing import stage
@@ -146,3 +147,49 @@ def test_power_cut_in_every_step_converges(make_guest, module_backend, install_l
     guest.shutdown()
     check = image.fsck(guest.vm.disk)
     assert check.returncode == 0, f"root filesystem not clean:\n{check.stdout}{check.stderr}"
+
+
+def test_ota_rollback_in_the_middle_of_a_rotation(make_guest, module_backend, install_layer_payload, scratch,
+                                                  image_mode):
+    """The reverse OTA: cut in the middle of a rotation, and the next boot runs an older agent
+    (history.OLDER_RELEASE's, as an image rollback would bring back; /var/sota stays). It
+    resumes the journal the newer agent wrote (schema 1, a file rotation) and completes it;
+    the newer agent, back with the next update, takes the result as its own."""
+    if image_mode is not None:
+        pytest.skip(OTA_SKIP_IN_IMAGE_MODE)
+    older = older_agent_package(scratch / "older")
+    name = "dev-rollback"
+    guest = make_guest(name, module_backend, lambda tree: (seed_device_config(module_backend, name, tree),
+                                                           due_at_once(tree)))
+    guest.boot("first boot")
+    guest.ssh("systemctl stop certrotate.timer")
+    old = guest.identity(scratch / "old")
+    guest.pause_agent_at("journal:server_config")  # steps 1-4 done, sota.toml still the old identity
+    rotation_id = guest.status()["rotation"]["id"]
+    guest.power_cut()
+
+    image.replace_offline(guest.vm.disk, remove=[f"{SITELIB}/certrotate"],
+                          add={f"{SITELIB}/certrotate": older}, workdir=scratch / "rollback-disk")
+    guest.boot("after a cut and an OTA rollback")
+    guest.ssh("systemctl stop certrotate.timer")
+    assert guest.ssh("python3 -c 'import certrotate.anchors'", check=False).returncode != 0, "not the older agent"
+    assert_online(guest)
+    guest.set_agent_environment()
+    with stage(f"{name}: the older agent resumes"):
+        result = guest.run_certrotate_service()
+    assert result.returncode == 0, guest.journal()
+    new = assert_rotated(guest, rotation_id, old, scratch / "new", repeats_allowed=True)
+
+    guest.shutdown()
+    payload = scratch / "forward-payload"
+    install_layer_payload(payload, ptest=False)
+    image.replace_offline(guest.vm.disk, remove=[f"{SITELIB}/certrotate"],
+                          add={f"{SITELIB}/certrotate": payload / SITELIB.lstrip("/") / "certrotate"},
+                          workdir=scratch / "forward-disk")
+    guest.boot("after the OTA update back to the newer agent")
+    guest.ssh("systemctl stop certrotate.timer")
+    guest.ssh("python3 -c 'import certrotate.anchors'")
+    status = guest.status()
+    assert status["rotation"] is None and status["last_completed"]["rotation_id"] == rotation_id, status
+    guest.wait_standin_ok(new.cert_path)
+    guest.shutdown()
