@@ -79,6 +79,28 @@ def test_check_does_nothing_when_not_due(device):
     assert "certs-" not in updates, updates
 
 
+def test_a_wrong_clock_is_waited_out_under_systemd(device):
+    """A device whose clock reads 1970 (no RTC, NTP not answered yet): the unit runs after
+    time-sync.target, and the agent judges nothing on such a clock: exit 5, which the unit
+    counts as success (the timer retries), nothing changed; once the clock is set, it acts."""
+    assert "time-sync.target" in device.ssh("systemctl show certrotate.service -P After").stdout.split()
+    files = "/var/sota/sota.toml /var/sota/pkey.pem /var/sota/client.pem /var/sota/root.crt"
+    before = device.ssh(f"sha256sum {files}").stdout
+    right_now = int(device.guest_time())
+    device.ssh("timedatectl set-ntp false >/dev/null 2>&1 || true; date -s @86400 >/dev/null")
+    try:
+        result = device.run_certrotate_service()
+        assert result.returncode == 0, device.journal()
+        assert device.ssh("systemctl show certrotate.service -P ExecMainStatus").stdout.strip() == "5"
+        assert "the clock reads 1970-01-02" in device.journal(), device.journal()
+    finally:
+        device.ssh(f"date -s @{right_now + 5} >/dev/null")
+    assert device.ssh(f"sha256sum {files}").stdout == before
+    result = device.run_certrotate_service()
+    assert result.returncode == 0, device.journal()
+    assert device.ssh("systemctl show certrotate.service -P ExecMainStatus").stdout.strip() == "0"
+
+
 def test_operator_rotation(device, scratch):
     rotation_id, new = operator_rotation(device, scratch)
 
