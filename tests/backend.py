@@ -121,6 +121,17 @@ class Backend:
         self.stop()
         return self.start(gateway, est)
 
+    def device_ca(self):
+        """The factory's issuing CA as a tests/pki.py Authority, to sign what a test needs
+        (a certificate that expired, one for a spare key)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        from pki import Authority
+
+        return Authority(load_pem_private_key((self.dir / "device-ca.key").read_bytes(), None),
+                         x509.load_pem_x509_certificate((self.dir / "device-ca.crt").read_bytes()))
+
     def register(self, name: str, out: Path, *args: str) -> Path:
         self.cli("devices", "register", name, "--out", str(out), *args)
         return Path(out)

@@ -17,11 +17,10 @@ import pytest
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from agentdevice import fake_systemctl, new_device, run_agent
 from backend import device_identity
-from pki import DAY, Authority, new_key, utcnow
+from pki import DAY, new_key, utcnow
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.bad_input("expired certificate")]
 
@@ -30,9 +29,7 @@ def expire(backend, device, days_ago: int) -> x509.Certificate:
     """Replace the device's certificate with one for the same key and Subject that expired `days_ago`."""
     key_file, cert_file = device_identity(device)
     current = x509.load_pem_x509_certificate(cert_file.read_bytes())
-    ca = Authority(load_pem_private_key((backend.dir / "device-ca.key").read_bytes(), None),
-                   x509.load_pem_x509_certificate((backend.dir / "device-ca.crt").read_bytes()))
-    expired = ca.issue(current.subject, current.public_key(),
+    expired = backend.device_ca().issue(current.subject, current.public_key(),
                        not_before=utcnow() - (days_ago + 365) * DAY, not_after=utcnow() - days_ago * DAY)
     cert_file.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
     return expired
@@ -84,9 +81,7 @@ def test_past_the_window_the_refusal_says_what_to_do(backend, tmp_path):
 
     # The operator widens the window; after a restart of serve the same rotation completes.
     backend.cli("est", "expired-renewal", "--days", "200")
-    ports = [int(url.split(":")[2].split("/")[0]) for url in (backend.gateway_url, backend.est_url)]
-    backend.stop()
-    backend.start(*ports)  # the same URLs: the device tree names them
+    backend.restart()
     resumed = run_agent(device, "check", bin_dir=bin_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert backend.gateway(device, "GET", "/device").status_code == 200
@@ -98,9 +93,7 @@ def test_an_expired_certificate_renews_only_the_current_key(backend, tmp_path):
     key_file, cert_file = device_identity(device)
     current = x509.load_pem_x509_certificate(cert_file.read_bytes())
     spare_key = new_key()
-    ca = Authority(load_pem_private_key((backend.dir / "device-ca.key").read_bytes(), None),
-                   x509.load_pem_x509_certificate((backend.dir / "device-ca.crt").read_bytes()))
-    spare = ca.issue(current.subject, spare_key.public_key(), not_before=utcnow() - 400 * DAY,
+    spare = backend.device_ca().issue(current.subject, spare_key.public_key(), not_before=utcnow() - 400 * DAY,
                      not_after=utcnow() - 10 * DAY)
     spare_files = (tmp_path / "spare.key", tmp_path / "spare.crt")
     spare_files[0].write_bytes(spare_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
