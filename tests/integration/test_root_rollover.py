@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, load_pem_priv
 
 from agentdevice import anchors_of, fake_systemctl, new_device, reaches_gateway, restarts, run_agent
 from backend import device_identity
-from pki import DAY, Authority, new_key
+from pki import DAY, Authority, key_pem, new_key
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -149,5 +149,32 @@ def test_a_forged_new_root_on_cacerts_is_refused(backend, tmp_path):
     before = (device / "var/sota/root.crt").read_bytes()
     run = agent(device, "anchors", bin_dir=bin_dir, expect=1)
     assert "no cross-certificate signed by a trusted root vouches for it" in run.stderr, run.stderr
+    assert (device / "var/sota/root.crt").read_bytes() == before and restarts(bin_dir) == []
+    assert reaches_gateway(backend, device)
+
+
+@pytest.mark.bad_input("trust anchor update")
+def test_a_root_is_not_dropped_while_a_server_still_needs_it(backend, tmp_path):
+    """/cacerts no longer serves the old root, but the gateway still presents a chain that
+    needs it (an operator put back the old gateway certificate): the device keeps the old
+    root, says why, and reaches the gateway."""
+    bin_dir = tmp_path / "bin"
+    fake_systemctl(bin_dir)
+    backend.cli("ca", "rollover")
+    backend.restart()
+    device, _ = new_device(backend, tmp_path, "dev-cautious")  # both roots, a device CA 2 certificate
+    backend.cli("ca", "retire-old")
+    retired = backend.dir / "retired/1"
+    old_root = Authority(load_pem_private_key((retired / "previous-root.key").read_bytes(), None),
+                         x509.load_pem_x509_certificate((retired / "previous-root.crt").read_bytes()))
+    key = new_key()
+    leaf = old_root.issue(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "old gateway")]),
+                          key.public_key(), server_names=["127.0.0.1", "localhost"])
+    (backend.dir / "gateway.crt").write_bytes(leaf.public_bytes(Encoding.PEM))
+    (backend.dir / "gateway.key").write_bytes(key_pem(key))
+    backend.restart()
+    before = (device / "var/sota/root.crt").read_bytes()
+    run = agent(device, "anchors", bin_dir=bin_dir, expect=1)
+    assert "does not yet verify without the root CA /cacerts no longer serves" in run.stderr, run.stderr
     assert (device / "var/sota/root.crt").read_bytes() == before and restarts(bin_dir) == []
     assert reaches_gateway(backend, device)
