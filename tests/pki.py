@@ -82,6 +82,7 @@ class Authority:
         client_auth: bool = True,
         server_names: list[str] | None = None,
         san: x509.SubjectAlternativeName | None = None,
+        path_length: int | None = None,
     ) -> x509.Certificate:
         """Sign a certificate for ``public_key``.
 
@@ -100,7 +101,7 @@ class Authority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(not_before)
             .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,

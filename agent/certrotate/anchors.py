@@ -61,9 +61,9 @@ def due(state_dir: Path, now: float) -> bool:
     return not checked_at <= now < checked_at + CHECK_EVERY
 
 
-def update(ctx) -> str | None:
-    """Bring the anchor file up to date with the EST server's /cacerts; what was done
-    (None: nothing, the file was up to date).
+def update(ctx, est_server: str | None = None) -> str | None:
+    """Bring the anchor file up to date with the /cacerts of ``est_server`` (default
+    est.server); what was done (None: nothing, the file was up to date).
 
     ``ctx`` is a rotation Context with no rotation in progress, its lock held."""
     from .est import EstClient, EstError
@@ -78,10 +78,11 @@ def update(ctx) -> str | None:
             return _restart_and_record(ctx, state, current, None, "restarted the units left to restart")
         state["pending"] = None  # cut before the rename: the file is the old one
 
-    if not ctx.agent.est_server:
+    est_server = est_server or ctx.agent.est_server
+    if not est_server:
         raise AnchorError("no EST server configured: the trust anchors cannot be checked",
                           hint="set [est] server in /etc/certrotate/certrotate.toml")
-    client = EstClient(ctx.agent.est_server, str(anchor_file), label=ctx.agent.est_label,
+    client = EstClient(est_server, str(anchor_file), label=ctx.agent.est_label,
                        sleep=ctx.sleep, clock=ctx.clock, run=ctx.deadline,
                        reply_within=ctx.agent.request_deadline)
     # The server's ETag speaks for the file only while the file is the one it was compared with.
@@ -93,12 +94,12 @@ def update(ctx) -> str | None:
     if served is None:
         _record(state_dir, state, current, etag, ctx.clock())
         return None
-    bundle, added, retired = plan(_certs(current, ctx.sota.ca_file), served, ctx.clock())
+    bundle, added, retired = plan(_certs(current, ctx.sota.ca_file), served, ctx.clock(), _own_issuer(ctx))
     if not added and not retired:
         _record(state_dir, state, current, etag, ctx.clock())
         return None
     if retired:
-        for url in (ctx.sota.gateway_url, ctx.agent.est_server):
+        for url in (ctx.sota.gateway_url, est_server):
             _check_server_verifies(url, bundle, ctx.agent.request_deadline)
     # Not the new ETag yet: cut before the rename, it would vouch for the old file.
     state["pending"] = _digest(bundle)
@@ -108,10 +109,11 @@ def update(ctx) -> str | None:
     return _restart_and_record(ctx, state, bundle, etag, f"{ctx.sota.ca_file}: {names}")
 
 
-def plan(trusted: list, served: list, now: float) -> tuple[bytes, list, list]:
+def plan(trusted: list, served: list, now: float, issuers: tuple = ()) -> tuple[bytes, list, list]:
     """The new anchor file (PEM), the roots it adds and the roots it drops.
 
-    ``trusted`` is the anchor file's certificates, ``served`` /cacerts'. AnchorError
+    ``trusted`` is the anchor file's certificates, ``served`` /cacerts'; ``issuers`` DER
+    names that are never taken for a new root (the device CA's: see _vouched_for). AnchorError
     when a served root is vouched for by nothing the device trusts."""
     from . import certs
 
@@ -126,7 +128,7 @@ def plan(trusted: list, served: list, now: float) -> tuple[bytes, list, list]:
     for root in served_roots:
         if _identity(root) in trusted_ids:
             continue
-        if not _vouched_for(root, crosses, roots, now):
+        if not _vouched_for(root, crosses, [r for r in roots if _valid_at(r, now)], issuers, now):
             raise AnchorError(
                 f"/cacerts offers a root CA the device does not trust, {_name(root)}, and no "
                 "cross-certificate signed by a trusted root vouches for it: refused, the trust "
@@ -136,29 +138,52 @@ def plan(trusted: list, served: list, now: float) -> tuple[bytes, list, list]:
                 "the EST server or the path to it is not to be trusted",
             )
         added.append(root)
+        trusted_ids.add(_identity(root))
     served_ids = {_identity(cert) for cert in served_roots}
     retired = [cert for cert in roots if _identity(cert) not in served_ids]
     kept = [cert for cert in trusted if cert not in retired]
     return certs.certs_pem(kept + added), added, retired
 
 
-def _vouched_for(root, crosses: list, trusted_roots: list, now: float) -> bool:
-    """Whether a cross-certificate carries ``root``'s subject and key, is valid now and
-    was signed by a trusted root (a forged root has no such certificate)."""
+def _vouched_for(root, crosses: list, trusted_roots: list, issuers: tuple, now: float) -> bool:
+    """Whether a cross-certificate carries ``root``'s subject and key, is valid now, was
+    signed by a trusted root, and certifies a CA that may itself certify CAs, no less
+    constrained than ``root``. An intermediate the trusted root certified (the device CA:
+    pathLen 0, its key on the EST server) vouches for nothing: else whoever holds its key
+    could mint a root with its name."""
     from . import pki
 
-    if not _valid_at(root, now):
+    if not _valid_at(root, now) or _subject(root) in issuers:
         return False
     for cross in crosses:
         parts = pki.tbs_parts(cross)
         if (parts.subject, parts.public_key) != _identity(root) or not pki.can_sign_certs(cross):
             continue
-        if not _valid_at(cross, now):
+        if not _valid_at(cross, now) or not _no_broader(root, cross):
             continue
         if any(pki.tbs_parts(anchor).subject == parts.issuer and pki.signed_by(cross, anchor)
                for anchor in trusted_roots):
             return True
     return False
+
+
+def _path_length(cert) -> int | None:
+    from cryptography import x509
+
+    return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
+
+
+def _no_broader(root, cross) -> bool:
+    """The cross-certificate lets its subject certify CAs (pathLen absent or at least 1),
+    and ``root`` claims no longer a path than it does."""
+    allowed, claimed = _path_length(cross), _path_length(root)
+    return allowed is None or (allowed >= 1 and claimed is not None and claimed <= allowed)
+
+
+def _subject(cert) -> bytes:
+    from . import pki
+
+    return pki.tbs_parts(cert).subject
 
 
 def _is_root(cert) -> bool:
@@ -213,6 +238,13 @@ def _check_server_verifies(url: str, bundle: bytes, timeout: float) -> None:
         raise AnchorError(f"cannot check {url}'s chain without the retired root: {err}; it stays "
                           "trusted for now", hint="check the network and that the server speaks "
                           "TLS 1.3; the next check tries again") from err
+
+
+def _own_issuer(ctx) -> tuple[bytes]:
+    """The DER name of the CA that issued the device's live certificate."""
+    from . import certs, pki
+
+    return (pki.tbs_parts(certs.load_certs(ctx.keys.live_cert_file())[0]).issuer,)
 
 
 def _restart_and_record(ctx, state: dict, bundle: bytes, etag: str | None, done: str) -> str:

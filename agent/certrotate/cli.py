@@ -133,7 +133,11 @@ def rotate(edges: Edges, rotation_id: str | None, est_server: str | None, reason
         if wrong_clock:
             raise wrong_clock
         if run_here:
+            server = ctx.rotation.est_server
             rotation.run(ctx)
+            # A new certificate of a new device CA during a root rollover: the device learns
+            # the new root now, not at tomorrow's check (by then the old one may be retired).
+            _log_anchor_update(ctx, server)
         return EXIT_DONE
     finally:
         if not wrong_clock:  # on a wrong clock every server certificate looks not yet valid
@@ -188,16 +192,22 @@ def update_anchors(edges: Edges, say_unchanged: bool = False) -> int:
             log.info("trust anchors: not checked while rotation %s is in progress",
                      ctx.state.current.rotation_id)
             return EXIT_DONE
-        done = anchors.update(ctx)
-        if done or say_unchanged:
-            log.info("trust anchors: %s", done or "unchanged")
-        return EXIT_DONE
+        return _log_anchor_update(ctx, None, say_unchanged)
+    finally:
+        ctx.journal.unlock()
+
+
+def _log_anchor_update(ctx, est_server: str | None, say_unchanged: bool = False) -> int:
+    """Run the anchor update; log what it did or why it failed, with what to do."""
+    try:
+        done = anchors.update(ctx, est_server)
     except anchors.AnchorError as err:
         log.error("error: %s", err.args[0])
         log.error("what to do: %s", err.hint)
         return err.exit_code
-    finally:
-        ctx.journal.unlock()
+    if done or say_unchanged:
+        log.info("trust anchors: %s", done or "unchanged")
+    return EXIT_DONE
 
 
 def _live_cert_file(root: Root, sota, agent):

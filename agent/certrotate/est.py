@@ -81,7 +81,8 @@ class EstClient:
 
     def cacerts_if_changed(self, etag: str | None) -> tuple[list[x509.Certificate] | None, str | None]:
         """/cacerts and its ETag; None for the certificates when they still have ``etag`` (304)."""
-        reply = self._send("GET", "cacerts", headers={"If-None-Match": etag} if etag else None)
+        reply = self._send("GET", "cacerts", headers={"If-None-Match": etag} if etag else None,
+                           point="anchors:cacerts")
         if reply.status == 304 and etag:
             return None, etag
         return self._certs(reply, "cacerts"), reply.headers.get("ETag")
@@ -143,10 +144,10 @@ class EstClient:
             return f"the run's {self.run.seconds:g} s deadline comes first"
         return None
 
-    def _send(self, method: str, operation: str, **kwargs) -> http.Reply:
+    def _send(self, method: str, operation: str, point: str | None = None, **kwargs) -> http.Reply:
         url = f"{self.base_url}/{operation}"
         try:
-            return http.send(self.session, method, url, point=f"est:{operation}",
+            return http.send(self.session, method, url, point=point or f"est:{operation}",
                              sleep=self.sleep, reply_within=self.reply_within, run=self.run, **kwargs)
         except http.TransportError as err:
             raise EstError(f"EST {operation}: {err.args[0]}", hint=err.hint, status=err.status) from err

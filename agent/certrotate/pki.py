@@ -390,13 +390,15 @@ def _check_chain(leaf, anchors, intermediates, now) -> None:
     """IssuedCertificateError unless some path of ``intermediates`` leads from ``leaf`` to an
     anchor. Every path is tried: during a root CA rollover a CA's name is both a root
     (NewWithNew) and a cross-certificate (NewWithOld), and only one of them leads on."""
-    failure = _path_to_anchor(leaf, anchors, intermediates, now, ())
+    failure = _path_to_anchor(leaf, anchors, intermediates, now, (), [])
     if failure is not None:
         raise failure
 
 
-def _path_to_anchor(cert, anchors, intermediates, now, path) -> IssuedCertificateError | None:
-    """None if ``cert`` chains to an anchor; else why not (the failure of the longest attempt)."""
+def _path_to_anchor(cert, anchors, intermediates, now, path, tried: list) -> IssuedCertificateError | None:
+    """None if ``cert`` chains to an anchor; else why not (the failure of the longest attempt).
+    Each CA is followed once (``tried``): a reply of many look-alike CAs costs a signature
+    check per pair, not one per path."""
     issuer_name = tbs_parts(cert).issuer
     if any(tbs_parts(anchor).subject == issuer_name and signed_by(cert, anchor) for anchor in anchors):
         return None
@@ -405,8 +407,9 @@ def _path_to_anchor(cert, anchors, intermediates, now, path) -> IssuedCertificat
             f"the issued certificate's chain is longer than {MAX_CHAIN} CA certificates", hint=_RETRY
         )
     parents = [ca for ca in intermediates
-               if ca not in path and ca is not cert and tbs_parts(ca).subject == issuer_name
-               and can_sign_certs(ca) and signed_by(cert, ca)]
+               if not any(ca is seen for seen in tried) and ca is not cert
+               and tbs_parts(ca).subject == issuer_name and can_sign_certs(ca) and signed_by(cert, ca)]
+    tried.extend(parents)
     failure = IssuedCertificateError(
         f"the issued certificate does not chain to the trust anchor: no trusted CA "
         f"named {cert.issuer.rfc4514_string()!r} signed {cert.subject.rfc4514_string()!r}",
@@ -419,7 +422,7 @@ def _path_to_anchor(cert, anchors, intermediates, now, path) -> IssuedCertificat
         except IssuedCertificateError as expired:
             failure = expired
             continue
-        failure = _path_to_anchor(parent, anchors, intermediates, now, path + (parent,))
+        failure = _path_to_anchor(parent, anchors, intermediates, now, path + (parent,), tried)
         if failure is None:
             return None
     return failure

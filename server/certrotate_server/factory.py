@@ -126,7 +126,10 @@ class Factory:
         root). A PKCS#7 certificate set has no order: clients tell them apart by content."""
         names = ["device-ca.crt", "root.crt"]
         if self.in_transition:
-            names += ["cross-new-with-old.crt", "cross-old-with-new.crt", "previous-root.crt"]
+            # NewWithOld before NewWithNew: agents before 4f6c1bf take the first certificate of
+            # a name when they look for a CA, and only NewWithOld leads to the old root.
+            names = ["device-ca.crt", "cross-new-with-old.crt", "root.crt", "cross-old-with-new.crt",
+                     "previous-root.crt"]
         return [pki.load_cert(self.path(name)) for name in names]
 
     def trust_bundle(self) -> bytes:

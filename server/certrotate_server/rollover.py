@@ -35,7 +35,7 @@ MAX_LISTED = 10
 def rollover(factory: Factory, root_key_file: Path | None = None) -> list[str]:
     """Start a transition to a new root; what was done, line by line."""
     staging = factory.path(ROLLOVER_STAGING)
-    if not (staging / READY).exists():
+    if not _commit_pending(staging):
         if factory.in_transition:
             raise FactoryError(f"a root CA rollover (generation {factory.generation}) is in progress; "
                                "end it with `certrotate-server ca retire-old` first")
@@ -86,14 +86,15 @@ def _old_root_key(factory: Factory, root_key_file: Path | None):
 
 
 def devices_on_old_ca(factory: Factory) -> list[str]:
-    """Devices none of whose certificates for their current or announced key the
-    current (new) device CA issued: retiring the old CA cuts them off."""
+    """Devices none of whose certificates for their current key the current (new) device
+    CA issued: retiring the old CA cuts them off. An announced key does not count until
+    the gateway has seen it in use: a rotation abandoned before that keeps the old identity."""
     issuer = factory.device_ca()[0].subject.rfc4514_string()
     store = Store(factory.db_path)
     try:
         rows = store.query(
             "SELECT name FROM devices d WHERE NOT EXISTS (SELECT 1 FROM certificates c WHERE "
-            "c.device = d.name AND c.issuer = ? AND c.pubkey IN (d.pubkey, d.next_pubkey)) ORDER BY name",
+            "c.device = d.name AND c.issuer = ? AND c.pubkey = d.pubkey) ORDER BY name",
             (issuer,))
     finally:
         store.close()
@@ -104,7 +105,7 @@ def retire_old(factory: Factory, force: bool = False) -> list[str]:
     """End the transition: only the new root and device CA are trusted; what was done."""
     staging = factory.path(RETIRE_STAGING)
     lines = []
-    if not (staging / READY).exists():
+    if not _commit_pending(staging):
         if not factory.in_transition:
             raise FactoryError("no root CA rollover is in progress; `certrotate-server ca rollover` starts one")
         stranded = devices_on_old_ca(factory)
@@ -165,6 +166,17 @@ def _commit(directory: Path, staging: Path, remove: list[str] = ()) -> None:
     _fsync(directory)
 
 
+def _commit_pending(staging: Path) -> bool:
+    """Whether ``staging`` holds a complete set of files not all moved in yet. A READY
+    left with nothing behind it (a cut as the directory was being dropped) is removed."""
+    if not (staging / READY).exists():
+        return False
+    if any(p.is_file() and p.name != READY for p in staging.rglob("*")):
+        return True
+    shutil.rmtree(staging)
+    return False
+
+
 def _fresh_dir(path: Path) -> None:
     """An empty staging directory (what an attempt left before READY is discarded)."""
     shutil.rmtree(path, ignore_errors=True)
@@ -172,8 +184,7 @@ def _fresh_dir(path: Path) -> None:
 
 
 def _copy(source: Path, target: Path) -> None:
-    mode = source.stat().st_mode & 0o777
-    (pki.write_private if mode & 0o077 == 0 else pki.write_public)(target, source.read_bytes())
+    (pki.write_private if source.suffix == ".key" else pki.write_public)(target, source.read_bytes())
 
 
 def _fsync(path: Path) -> None:

@@ -7,9 +7,10 @@ import time
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from certrotate import anchors, certs
-from pki import DAY, Authority, new_root, utcnow
+from pki import DAY, Authority, new_key, new_root, utcnow
 
 NOW = time.time()
 
@@ -51,6 +52,54 @@ def test_a_new_root_nothing_trusted_vouches_for_is_refused(old, new):
         with pytest.raises(anchors.AnchorError, match="no cross-certificate signed by a trusted root") as err:
             anchors.plan([old.cert], served, NOW)
         assert "ca rollover" in err.value.hint
+
+
+def self_signed_as(ca_key, subject: x509.Name, path_length=None) -> x509.Certificate:
+    """A root minted by whoever holds ``ca_key``, under ``subject``."""
+    return Authority(ca_key, x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                     .public_key(ca_key.public_key()).serial_number(1).not_valid_before(utcnow() - DAY)
+                     .not_valid_after(utcnow() + DAY).sign(ca_key, hashes.SHA256())).issue(
+        subject, ca_key.public_key(), ca=True, path_length=path_length)
+
+
+@pytest.mark.bad_input("trust anchor update")
+def test_the_device_ca_cannot_be_made_into_a_root(old):
+    """The EST server holds the device CA's key: a root under the device CA's name and key,
+    "vouched for" by the device CA's own certificate from the trusted root, is refused."""
+    device_ca_key = new_key()
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "factory device CA")])
+    device_ca = old.issue(subject, device_ca_key.public_key(), ca=True, path_length=0)
+    minted = self_signed_as(device_ca_key, subject)
+    with pytest.raises(anchors.AnchorError):  # pathLen 0: it may certify no CA, let alone be one
+        anchors.plan([old.cert], [minted, device_ca, old.cert], NOW)
+    unconstrained = old.issue(subject, device_ca_key.public_key(), ca=True)
+    with pytest.raises(anchors.AnchorError):  # no pathLen, but it issued the device's certificate
+        anchors.plan([old.cert], [minted, unconstrained, old.cert], NOW, issuers=(subject.public_bytes(),))
+
+
+@pytest.mark.bad_input("trust anchor update")
+def test_a_new_root_claiming_a_longer_path_than_its_cross_certificate_is_refused(old):
+    key = new_key()
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "factory root CA 2")])
+    broad = self_signed_as(key, subject)  # pathLen absent: any depth
+    with pytest.raises(anchors.AnchorError):
+        anchors.plan([old.cert], [broad, old.issue(subject, key.public_key(), ca=True, path_length=1)], NOW)
+    narrow = self_signed_as(key, subject, path_length=1)
+    _, added, _ = anchors.plan([old.cert], [narrow, old.issue(subject, key.public_key(), ca=True, path_length=1)],
+                               NOW)
+    assert added == [narrow]
+
+
+def test_an_expired_trusted_root_vouches_for_nothing_and_a_root_is_added_once(new):
+    expired_root = new_root("old")
+    stale = Authority(expired_root.key, expired_root.issue(expired_root.cert.subject, expired_root.key.public_key(),
+                                                           ca=True, not_before=utcnow() - 30 * DAY,
+                                                           not_after=utcnow() - DAY))
+    with pytest.raises(anchors.AnchorError):
+        anchors.plan([stale.cert], [new.cert, cross(new, expired_root)], NOW)
+    fresh = new_root("old 2")
+    _, added, _ = anchors.plan([fresh.cert], [new.cert, new.cert, cross(new, fresh), fresh.cert], NOW)
+    assert added == [new.cert]
 
 
 @pytest.mark.bad_input("trust anchor update")
