@@ -123,7 +123,10 @@ def test_agent_rotates_through_estserver_on_an_lmp_device(backend, estserver, tm
     assert load_cert(cert_file) == estserver.model.issued[-1]
     assert cert_file.read_bytes().count(b"BEGIN CERTIFICATE") == 1
     assert "chain of the issued certificate could not be checked on the device" in result.stderr
-    assert [r.operation for r in estserver.requests] == ["simplereenroll", "cacerts"]
+    # /cacerts twice: to find the issuing CA, then the completed rotation's trust anchor
+    # check, which estserver's root alone leaves as it was.
+    assert [r.operation for r in estserver.requests] == ["simplereenroll", "cacerts", "cacerts"]
+    assert (device / "var/sota/root.crt").read_bytes() == backend.root_ca.read_bytes()
 
 
 def test_estserver_dropping_the_san_is_accepted_and_logged(backend, estserver, tmp_path):
